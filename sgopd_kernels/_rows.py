@@ -1,0 +1,39 @@
+"""Column layout of the per-row table that every backend's forward returns.
+
+The forward of a loss writes one row of ``ROW_K`` float32 values per position:
+the loss and the statistics (columns 0-4, the same meaning for every
+backend), then what that backend's backward needs (the rest). Masked
+positions hold zeros. The table is O(rows): it is all a forward keeps. It is
+float32, except on the torch backend for float64 inputs (float64).
+"""
+
+# shared by all backends (natural-log units)
+LOSS = 0          # per-position divergence (0 where masked)
+DELTA = 1         # lp_T(y) - lp_S(y)
+GATE = 2          # g = sign(delta) * sigma, in {-1, 0, +1}
+TEACHER_KL = 3    # KL(p_S || p_T), unbridged
+ENTROPY = 4       # H(p_S)
+
+# Triton backward state (base-2 units, scaled logits s2 = z * log2(e) / tau)
+REF_S = 5         # reference (row max) of s2
+LOG2Z_S = 6       # log2 sum 2^(s2 - REF_S)
+MEAN_S = 7        # E_{p_S}[s2 - REF_S]
+REF_T = 8
+LOG2Z_T = 9
+MEAN_T = 10       # E_{p_S}[t2 - REF_T]
+A = 11            # bridge coefficient a = lambda (all backends)
+B = 12            # bridge coefficient b = 1 - lambda + beta (all backends)
+LSE_Q = 13        # log2 sum over the support of 2^(a (t2-REF_T) + b (s2-REF_S))
+ROW_K = 16
+
+TORCH_COLUMNS = {"loss": LOSS, "delta": DELTA, "gate": GATE, "teacher_kl": TEACHER_KL,
+                 "entropy": ENTROPY, "a": A, "b": B}
+
+# the sampled-token estimator: columns 0-4 as above, then
+S_ADV = 5         # A = lambda * delta, the detached advantage (natural units)
+S_REF = 6         # reference of s2 (Triton)
+S_LOG2Z = 7       # log2 sum 2^(s2 - S_REF) (Triton)
+SAMPLED_ROW_K = 8
+
+SAMPLED_TORCH_COLUMNS = {"loss": LOSS, "delta": DELTA, "gate": GATE, "teacher_kl": TEACHER_KL,
+                         "entropy": ENTROPY, "adv": S_ADV}

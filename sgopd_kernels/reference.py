@@ -1,0 +1,253 @@
+"""Readable eager PyTorch of every formula in docs/math.md.
+
+This module is the correctness oracle of the library and its CPU path
+(``backend="torch"``). Every function works on a 2-D chunk of rows: the
+student logits ``s`` of shape (R, V), the teacher logits already cut to the
+student's vocabulary, (R, V). :func:`opd_rows` and :func:`sampled_rows` walk
+over row chunks so that no more than a few chunk-sized temporaries exist at a
+time, whatever the number of rows.
+
+Per-row results are returned in a table (float32, or float64 for float64 inputs) whose columns are named in
+:mod:`sgopd_kernels._rows`; the autograd layer reduces the table and, for the
+backward, calls :func:`opd_rows_backward` / :func:`sampled_rows_backward`,
+which evaluate the closed-form gradients of the spec chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _rows as C
+
+NEG_INF = float("-inf")
+# elements of one row chunk: a handful of float64 temporaries of this size.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _chunks(n_rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def _xmul(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p * x with the convention 0 * (+-inf) = 0 (``0 log 0 = 0``), autograd safe."""
+    return p * torch.where(p == 0, torch.zeros_like(x), x)
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) with NaN -> 0 (torch.sign keeps NaN)."""
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+def check_tokens(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """The torch path raises on an out-of-range token id (this syncs the host)."""
+    bad = (tokens != ignore_index) & ((tokens < 0) | (tokens >= vocab))
+    if bool(bad.any()):
+        first = int(tokens[bad][0])
+        raise ValueError(
+            f"tokens: id {first} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+
+
+def gate_lambda(delta, sign, lam_pos: float, lam_neg: float):
+    """lambda per row from the sign-consistency gate g = sign(delta) * sigma."""
+    g = _sign(delta) * sign if sign is not None else torch.zeros_like(delta)
+    one = torch.ones_like(delta)
+    lam = torch.where(g > 0, one * lam_pos, torch.where(g < 0, one * lam_neg, one))
+    return lam, g
+
+
+def sampled_delta(lp_t_y: torch.Tensor, lp_s_y: torch.Tensor) -> torch.Tensor:
+    """delta = lp_T(y) - lp_S(y); 0 where both models give y zero probability."""
+    both = (lp_t_y == NEG_INF) & (lp_s_y == NEG_INF)
+    return torch.where(both, torch.zeros_like(lp_s_y), lp_t_y - lp_s_y)
+
+
+def bridge_terms(
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    sign: Optional[torch.Tensor],
+    *,
+    beta: float,
+    lam_pos: float,
+    lam_neg: float,
+    reverse: bool,
+    temperature: float,
+    ignore_index: int,
+) -> dict:
+    """All per-row quantities of the spec for one chunk of rows.
+
+    Differentiable in ``s_logits`` exactly as the spec's loss is: the target
+    ``q`` and the gate use the detached student log-probabilities. Masked rows
+    give loss 0. Inputs are used in their own dtype (the caller upcasts).
+    """
+    s = s_logits / temperature
+    t = t_logits / temperature
+    lp_s = torch.log_softmax(s, dim=-1)
+    lp_t = torch.log_softmax(t, dim=-1)
+    lp_s_d = lp_s.detach()
+    p_s = lp_s.exp()
+
+    valid = tokens != ignore_index
+    y = torch.where(valid, tokens, torch.zeros_like(tokens)).unsqueeze(-1)
+    lp_s_y = lp_s_d.gather(-1, y).squeeze(-1)
+    lp_t_y = lp_t.detach().gather(-1, y).squeeze(-1)
+    delta = sampled_delta(lp_t_y, lp_s_y)
+    lam, g = gate_lambda(delta, sign, lam_pos, lam_neg)
+    a = lam.unsqueeze(-1)
+    b = (1.0 - lam + beta).unsqueeze(-1)
+
+    # the bridge target q = softmax(a lp_T + b sg(lp_S)) on the joint support
+    support = (lp_s_d != NEG_INF) & (lp_t != NEG_INF)
+    x = torch.where(support, a * lp_t + b * lp_s_d, torch.full_like(lp_s_d, NEG_INF))
+    log_z_q = torch.logsumexp(x, dim=-1, keepdim=True)
+    log_q = x - log_z_q
+    if reverse:  # KL(p_S || q)
+        loss = _xmul(p_s, lp_s - log_q).sum(-1)
+    else:  # KL(q || p_S)
+        q = log_q.exp()
+        loss = _xmul(q, log_q - lp_s).sum(-1)
+    # an empty joint support: no target, the divergence is +inf
+    loss = torch.where(log_z_q.squeeze(-1) == NEG_INF, torch.full_like(loss, math.inf), loss)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+
+    with torch.no_grad():
+        teacher_kl = _xmul(p_s, lp_s - lp_t).sum(-1)
+        entropy = -_xmul(p_s, lp_s).sum(-1)
+    zero = torch.zeros_like(delta)
+    return dict(
+        loss=loss,
+        delta=torch.where(valid, delta, zero),
+        gate=torch.where(valid, g, zero),
+        teacher_kl=torch.where(valid, teacher_kl, zero),
+        entropy=torch.where(valid, entropy, zero),
+        a=lam,
+        b=1.0 - lam + beta,
+    )
+
+
+def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
+             temperature, ignore_index) -> torch.Tensor:
+    """Per-row table (N, C.ROW_K) for logits ``student`` (N, V), ``teacher`` (N, >=V)."""
+    n, vocab = student.shape
+    check_tokens(tokens, vocab, ignore_index)
+    cdt = _compute_dtype(student, teacher)
+    out = torch.zeros(n, C.ROW_K, dtype=cdt, device=student.device)
+    for sl in _chunks(n, vocab):
+        r = bridge_terms(
+            student[sl].to(cdt), teacher[sl, :vocab].to(cdt), tokens[sl],
+            None if sign is None else sign[sl].to(cdt),
+            beta=beta, lam_pos=lam_pos, lam_neg=lam_neg, reverse=reverse,
+            temperature=temperature, ignore_index=ignore_index,
+        )
+        for name, col in C.TORCH_COLUMNS.items():
+            out[sl, col] = r[name]
+    return out
+
+
+def opd_grad_chunk(s_logits, t_logits, a, b, *, reverse: bool, temperature: float):
+    """Closed-form d loss / d student logits for one chunk (SPEC section 3)."""
+    s = s_logits / temperature
+    t = t_logits / temperature
+    lp_s = torch.log_softmax(s, dim=-1)
+    lp_t = torch.log_softmax(t, dim=-1)
+    p_s = lp_s.exp()
+    a = a.unsqueeze(-1)
+    b = b.unsqueeze(-1)
+    if reverse:
+        u = (1.0 - b) * lp_s - a * lp_t
+        eu = _xmul(p_s, u).sum(-1, keepdim=True)
+        grad = _xmul(p_s, u - eu)
+    else:
+        support = (lp_s != NEG_INF) & (lp_t != NEG_INF)
+        x = torch.where(support, a * lp_t + b * lp_s, torch.full_like(lp_s, NEG_INF))
+        q = torch.softmax(x, dim=-1)
+        grad = p_s - q
+    return grad / temperature
+
+
+def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, temperature,
+                      ignore_index) -> torch.Tensor:
+    n, vocab = student.shape
+    cdt = _compute_dtype(student, teacher)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    valid = tokens != ignore_index
+    for sl in _chunks(n, vocab):
+        g = opd_grad_chunk(
+            student[sl].to(cdt), teacher[sl, :vocab].to(cdt),
+            rows[sl, C.A].to(cdt), rows[sl, C.B].to(cdt),
+            reverse=reverse, temperature=temperature,
+        )
+        g = g * grad_rows[sl].to(cdt).unsqueeze(-1)
+        grad[sl] = torch.where(valid[sl].unsqueeze(-1), g, torch.zeros_like(g)).to(student.dtype)
+    return grad
+
+
+# ---------------------------------------------------------------------------
+# the sampled-token estimator (SPEC section 5)
+
+def sampled_terms(s_logits, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg,
+                  temperature, ignore_index) -> dict:
+    """Per-row quantities of the sampled estimator; differentiable in s_logits."""
+    lp_s = torch.log_softmax(s_logits / temperature, dim=-1)
+    valid = tokens != ignore_index
+    y = torch.where(valid, tokens, torch.zeros_like(tokens)).unsqueeze(-1)
+    lp_s_y = lp_s.gather(-1, y).squeeze(-1)
+    delta = sampled_delta(teacher_logprobs, lp_s_y.detach())
+    lam, g = gate_lambda(delta, sign, lam_pos, lam_neg)
+    adv = lam * delta
+    loss = -adv * lp_s_y
+    zero = torch.zeros_like(delta)
+    with torch.no_grad():
+        entropy = -_xmul(lp_s.exp(), lp_s).sum(-1)
+    return dict(
+        loss=torch.where(valid, loss, zero),
+        delta=torch.where(valid, delta, zero),
+        gate=torch.where(valid, g, zero),
+        teacher_kl=torch.where(valid, -delta, zero),
+        entropy=torch.where(valid, entropy, zero),
+        adv=torch.where(valid, adv, zero),
+    )
+
+
+def sampled_rows(student, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg, temperature,
+                 ignore_index) -> torch.Tensor:
+    n, vocab = student.shape
+    check_tokens(tokens, vocab, ignore_index)
+    cdt = _compute_dtype(student, teacher_logprobs)
+    out = torch.zeros(n, C.SAMPLED_ROW_K, dtype=cdt, device=student.device)
+    for sl in _chunks(n, vocab):
+        r = sampled_terms(
+            student[sl].to(cdt), teacher_logprobs[sl].to(cdt), tokens[sl],
+            None if sign is None else sign[sl].to(cdt),
+            lam_pos=lam_pos, lam_neg=lam_neg, temperature=temperature,
+            ignore_index=ignore_index,
+        )
+        for name, col in C.SAMPLED_TORCH_COLUMNS.items():
+            out[sl, col] = r[name]
+    return out
+
+
+def sampled_rows_backward(grad_rows, student, tokens, rows, *, temperature, ignore_index):
+    """d loss / d z = -(A / tau) (onehot(y) - p_S), times the row's incoming gradient."""
+    n, vocab = student.shape
+    cdt = _compute_dtype(student)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    valid = tokens != ignore_index
+    for sl in _chunks(n, vocab):
+        p = torch.softmax(student[sl].to(cdt) / temperature, dim=-1)
+        y = torch.where(valid[sl], tokens[sl], torch.zeros_like(tokens[sl]))
+        onehot = torch.zeros_like(p).scatter_(-1, y.unsqueeze(-1), 1.0)
+        adv = rows[sl, C.S_ADV].to(cdt).unsqueeze(-1)
+        g = -(adv / temperature) * (onehot - p) * grad_rows[sl].to(cdt).unsqueeze(-1)
+        grad[sl] = torch.where(valid[sl].unsqueeze(-1), g, torch.zeros_like(g)).to(student.dtype)
+    return grad

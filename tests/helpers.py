@@ -1,0 +1,123 @@
+"""Shared test helpers: the float64 oracle of the public API and tolerances."""
+
+from __future__ import annotations
+
+import torch
+
+from sgopd_kernels import reference
+
+# unit roundoff of the gradient's dtype (the kernels compute in float32 and round once)
+ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11,
+            torch.float64: 2.0 ** -53}
+# half the spacing of the subnormal numbers where it is coarse enough to matter
+SUBNORMAL = {torch.float16: 2.0 ** -25}
+
+
+def sign_rows(verifier, lead):
+    """The verifier as one float64 sign per position, broadcast as the spec says."""
+    if verifier is None:
+        return None
+    v = verifier
+    if v.dtype == torch.bool:
+        v = torch.where(v, 1.0, -1.0).double()
+    else:
+        v = torch.sign(v.double())
+    if v.dim() < len(lead):
+        v = v.reshape(tuple(v.shape) + (1,) * (len(lead) - v.dim()))
+    return torch.broadcast_to(v, lead).reshape(-1)
+
+
+def _reduce(loss_rows, valid, weights, lead, reduction):
+    if weights is not None:
+        loss_rows = torch.where(valid, loss_rows * torch.broadcast_to(
+            weights.double().reshape(tuple(weights.shape) + (1,) * (len(lead) - weights.dim())),
+            lead).reshape(-1), torch.zeros_like(loss_rows))
+    if reduction == "none":
+        return loss_rows.reshape(lead)
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / max(int(valid.sum()), 1)
+
+
+def _stats(r, valid):
+    n = max(int(valid.sum()), 1)
+    return dict(
+        consistent_frac=float(((r["gate"] > 0) & valid).sum()) / n,
+        conflict_frac=float(((r["gate"] < 0) & valid).sum()) / n,
+        mean_delta=float(r["delta"].sum()) / n,
+        teacher_kl=float(r["teacher_kl"].sum()) / n,
+        student_entropy=float(r["entropy"].sum()) / n,
+    )
+
+
+def oracle_opd(student, teacher, tokens, verifier=None, *, beta=0.0, extrapolation=1.8,
+               interpolation=1.0, divergence="reverse_kl", temperature=1.0, ignore_index=-100,
+               weights=None, reduction="mean", grad_out=None):
+    """(loss, stats dict, grad) of gated_opd_loss in float64 through torch.autograd."""
+    lead = student.shape[:-1]
+    vocab = student.shape[-1]
+    s = student.detach().double().reshape(-1, vocab).requires_grad_(True)
+    t = teacher.detach().double().reshape(-1, teacher.shape[-1])[:, :vocab]
+    tok = tokens.reshape(-1).long()
+    r = reference.bridge_terms(
+        s, t, tok, sign_rows(verifier, lead), beta=beta, lam_pos=extrapolation,
+        lam_neg=interpolation, reverse=divergence == "reverse_kl", temperature=temperature,
+        ignore_index=ignore_index)
+    valid = tok != ignore_index
+    loss = _reduce(r["loss"], valid, weights, lead, reduction)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.double())
+    return loss.detach(), _stats(r, valid), s.grad.reshape(student.shape)
+
+
+def oracle_sampled(student, teacher_logprobs, tokens, verifier=None, *, extrapolation=1.8,
+                   interpolation=1.0, temperature=1.0, ignore_index=-100, weights=None,
+                   reduction="mean", grad_out=None):
+    lead = student.shape[:-1]
+    vocab = student.shape[-1]
+    s = student.detach().double().reshape(-1, vocab).requires_grad_(True)
+    tok = tokens.reshape(-1).long()
+    r = reference.sampled_terms(
+        s, teacher_logprobs.detach().double().reshape(-1), tok, sign_rows(verifier, lead),
+        lam_pos=extrapolation, lam_neg=interpolation, temperature=temperature,
+        ignore_index=ignore_index)
+    valid = tok != ignore_index
+    loss = _reduce(r["loss"], valid, weights, lead, reduction)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.double())
+    return loss.detach(), _stats(r, valid), s.grad.reshape(student.shape)
+
+
+def assert_close(actual, expected, *, rtol, atol, what=""):
+    """Elementwise |a - e| <= atol + rtol |e|, with NaN and +-inf required at the same places."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN at {nan_a.nonzero().tolist()} vs " \
+                                      f"{nan_e.nonzero().tolist()}"
+    inf_e = torch.isinf(e)
+    assert torch.equal(a[inf_e], e[inf_e]) and not torch.isinf(a[~inf_e]).any(), \
+        f"{what}: infinities differ"
+    fin = torch.isfinite(e)
+    err = (a[fin] - e[fin]).abs()
+    bound = atol + rtol * e[fin].abs()
+    if err.numel():
+        worst = int((err - bound).argmax())
+        assert bool((err <= bound).all()), (
+            f"{what}: |err| {float(err[worst]):.3g} > bound {float(bound[worst]):.3g} "
+            f"(actual {float(a[fin][worst]):.6g}, expected {float(e[fin][worst]):.6g})")
+
+
+def assert_loss_close(actual, expected, what="loss"):
+    """float32 losses computed in float32 against the float64 oracle."""
+    scale = max(1.0, float(expected.double().abs().nan_to_num(0, 0, 0).max())) \
+        if expected.numel() else 1.0
+    assert_close(actual, expected, rtol=2e-4, atol=2e-5 * scale, what=what)
+
+
+def assert_grad_close(actual, expected, dtype, what="grad"):
+    """A gradient rounded once to ``dtype`` after float32 arithmetic."""
+    fin = expected[torch.isfinite(expected)]
+    scale = float(fin.abs().max()) if fin.numel() else 0.0
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype} != {dtype}"
+    assert_close(actual, expected, rtol=2 * ROUNDOFF[dtype] + 1e-4,
+                 atol=1e-5 * scale + SUBNORMAL.get(dtype, 0.0), what=what)

@@ -1,0 +1,240 @@
+"""The reference (torch backend) against independent mathematics, in float64."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sgopd_kernels as sk
+from sgopd_kernels import reference
+from helpers import assert_close, oracle_opd, oracle_sampled
+
+DIVS = ["reverse_kl", "forward_kl"]
+
+
+def _inputs(shape=(3, 5), vocab=37, vocab_t=41, scale=3.0, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = (scale * torch.randn(*shape, vocab, generator=g)).to(dtype)
+    t = (scale * torch.randn(*shape, vocab_t, generator=g)).to(dtype)
+    y = torch.randint(0, vocab, shape, generator=g)
+    return s, t, y
+
+
+def _numpy_bridge(s, t, y, sign, beta, lam_pos, lam_neg, reverse, tau):
+    """Per-row loss straight from the definition q ~ p_T^a p_S^b, in numpy float64."""
+    out = []
+    for row in range(s.shape[0]):
+        zs = s[row] / tau
+        zt = t[row] / tau
+        ps = np.exp(zs - zs.max())
+        ps /= ps.sum()
+        pt = np.exp(zt - zt.max())
+        pt /= pt.sum()
+        delta = math.log(pt[y[row]]) - math.log(ps[y[row]])
+        g = np.sign(delta) * (0.0 if sign is None else sign[row])
+        lam = lam_pos if g > 0 else (lam_neg if g < 0 else 1.0)
+        a, b = lam, 1.0 - lam + beta
+        logq = a * np.log(pt) + b * np.log(ps)
+        q = np.exp(logq - logq.max())
+        q /= q.sum()
+        if reverse:
+            out.append(float(np.sum(ps * (np.log(ps) - np.log(q)))))
+        else:
+            out.append(float(np.sum(q * (np.log(q) - np.log(ps)))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("beta", [0.0, 0.35])
+@pytest.mark.parametrize("gated", [False, True])
+def test_rows_match_definition(divergence, beta, gated):
+    s, t, y = _inputs(shape=(12,), vocab=23, vocab_t=23, seed=1)
+    sign = np.array([1, -1, 0, 1] * 3, dtype=np.float64) if gated else None
+    verifier = torch.tensor(sign) if gated else None
+    loss = sk.gated_opd_loss(s, t, y, verifier, beta=beta, extrapolation=1.7,
+                             interpolation=0.6, divergence=divergence, temperature=1.3,
+                             reduction="none", backend="torch")
+    want = _numpy_bridge(s.numpy(), t.numpy(), y.numpy(), sign, beta, 1.7, 0.6,
+                         divergence == "reverse_kl", 1.3)
+    assert_close(loss, torch.tensor(want), rtol=3e-7, atol=1e-9, what="loss rows")
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_plain_kl_at_beta_zero_without_gate(divergence):
+    """beta = 0, no gate: the library's loss and gradient are the textbook KLs (TRL's GKD ends)."""
+    s, t, y = _inputs(shape=(4, 6), vocab=29, vocab_t=29, seed=2)
+    s.requires_grad_(True)
+    loss = sk.gated_opd_loss(s, t, y, divergence=divergence, temperature=0.7, backend="torch")
+    (g,) = torch.autograd.grad(loss, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    lp_s = torch.log_softmax(s2 / 0.7, -1)
+    lp_t = torch.log_softmax(t / 0.7, -1)
+    if divergence == "reverse_kl":  # KL(p_S || p_T)
+        want = F.kl_div(lp_t, lp_s, log_target=True, reduction="none").sum(-1).mean()
+    else:  # KL(p_T || p_S)
+        want = F.kl_div(lp_s, lp_t, log_target=True, reduction="none").sum(-1).mean()
+    (g_want,) = torch.autograd.grad(want, s2)
+    assert_close(loss, want, rtol=3e-7, atol=1e-9, what="loss")  # the loss is float32
+    assert_close(g, g_want, rtol=1e-9, atol=1e-14, what="grad")
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_closed_form_gradient_matches_autograd(divergence, beta, reduction):
+    """The torch backend's closed-form backward against torch.autograd of the formula."""
+    s, t, y = _inputs(shape=(3, 7), vocab=31, vocab_t=35, seed=3)
+    y[0, 2] = -100
+    verifier = torch.tensor([0.7, -2.0, 0.0])
+    w = torch.rand(3, 7, generator=torch.Generator().manual_seed(5))
+    s = s.requires_grad_(True)
+    kw = dict(beta=beta, extrapolation=1.8, interpolation=0.5, divergence=divergence,
+              temperature=1.1, weights=w, reduction=reduction)
+    loss = sk.gated_opd_loss(s, t, y, verifier, backend="torch", **kw)
+    grad_out = torch.randn(loss.shape, dtype=torch.float64) if reduction == "none" else None
+    (g,) = torch.autograd.grad(loss, s, grad_out)
+    want, _, g_want = oracle_opd(s, t, y, verifier, grad_out=grad_out, **kw)
+    assert loss.dtype == torch.float32 and g.dtype == torch.float64
+    assert_close(loss, want, rtol=3e-7, atol=1e-9, what="loss")
+    # a float32 loss hands back a float32 incoming gradient: float32 rounding for "none"
+    rtol = 1e-6 if reduction == "none" else 1e-9
+    assert_close(g, g_want, rtol=rtol, atol=1e-13, what="grad")
+
+
+def test_sampled_gradient_and_expectation():
+    """Closed form vs autograd, and E_{y~p_S} of the estimator's gradient = lambda * grad KL."""
+    s, t, _ = _inputs(shape=(5,), vocab=11, vocab_t=11, seed=4)
+    lam = 1.5
+    lp_s = torch.log_softmax(s, -1)
+    lp_t = torch.log_softmax(t, -1)
+    p_s = lp_s.exp()
+    expected = torch.zeros_like(s)
+    for y in range(11):
+        tok = torch.full((5,), y)
+        x = s.clone().requires_grad_(True)
+        loss = sk.sampled_opd_loss(x, lp_t[:, y], tok, torch.ones(5), extrapolation=lam,
+                                   interpolation=lam, reduction="sum", backend="torch")
+        (g,) = torch.autograd.grad(loss, x)
+        _, _, g_want = oracle_sampled(x, lp_t[:, y], tok, torch.ones(5), extrapolation=lam,
+                                      interpolation=lam, reduction="sum")
+        assert_close(g, g_want, rtol=1e-9, atol=1e-14, what=f"grad y={y}")
+        expected += p_s[:, y:y + 1] * g
+    x = s.clone().requires_grad_(True)
+    kl = (torch.log_softmax(x, -1).exp() * (torch.log_softmax(x, -1) - lp_t)).sum()
+    (g_kl,) = torch.autograd.grad(kl, x)
+    assert_close(expected, lam * g_kl, rtol=1e-9, atol=1e-12, what="E[grad]")
+
+
+def test_gate_picks_lambda():
+    """g > 0 extrapolates, g < 0 interpolates, g = 0 (neutral or no gate) uses lambda = 1."""
+    delta = torch.tensor([0.5, 0.5, -0.5, -0.5, 0.5, 0.0, float("nan")], dtype=torch.float64)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    lam, g = reference.gate_lambda(delta, sign, 1.8, 0.4)
+    assert g.tolist() == [1.0, -1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
+    assert lam.tolist() == [1.8, 0.4, 0.4, 1.8, 1.0, 1.0, 1.0]
+    lam, g = reference.gate_lambda(delta, None, 1.8, 0.4)
+    assert lam.tolist() == [1.0] * 7
+
+
+def test_veto_bridge_is_teacher_times_student_power():
+    """lambda = 1: q ~ p_T * p_S^beta exactly (the Veto target)."""
+    s, t, y = _inputs(shape=(2,), vocab=13, vocab_t=13, seed=6)
+    r = reference.bridge_terms(s, t, y, None, beta=0.4, lam_pos=1.8, lam_neg=1.0, reverse=False,
+                               temperature=1.0, ignore_index=-100)
+    p_s = torch.softmax(s, -1)
+    p_t = torch.softmax(t, -1)
+    q = p_t * p_s ** 0.4
+    q = q / q.sum(-1, keepdim=True)
+    want = (q * (q.log() - p_s.log())).sum(-1)
+    assert_close(r["loss"], want, rtol=1e-12, atol=1e-14, what="forward KL to the Veto bridge")
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_masked_vocabulary_entries(divergence):
+    """-inf in both models (or the student only) is outside q's support: finite, no NaN."""
+    s, t, y = _inputs(shape=(4,), vocab=17, vocab_t=17, seed=7)
+    s[:, 3] = float("-inf")
+    t[:, 3] = float("-inf")
+    s[1, 5] = float("-inf")  # student only
+    y[1] = 6
+    s = s.requires_grad_(True)
+    loss = sk.gated_opd_loss(s, t, y, torch.tensor([True, False, True, True]), beta=0.2,
+                             divergence=divergence, reduction="none", backend="torch")
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert torch.isfinite(s.grad).all()
+    assert (s.grad[:, 3] == 0).all() and s.grad[1, 5] == 0
+    # the entry the student masks is outside the support: the loss equals the one computed
+    # on the vocabulary without it
+    keep = [v for v in range(17) if v not in (3, 5)]
+    sub = sk.gated_opd_loss(s.detach()[1:2, keep], t[1:2, keep], torch.tensor([keep.index(6)]),
+                            torch.tensor([False]), beta=0.2, divergence=divergence,
+                            reduction="none", backend="torch")
+    assert_close(loss[1:2], sub, rtol=1e-12, atol=1e-14, what="masked row")
+
+
+def test_teacher_masks_student_mass_reverse_kl_is_inf():
+    s, t, y = _inputs(shape=(3,), vocab=9, vocab_t=9, seed=8)
+    t[1, 4] = float("-inf")
+    loss = sk.gated_opd_loss(s, t, y, reduction="none", backend="torch")
+    assert loss[1] == math.inf and torch.isfinite(loss[[0, 2]]).all()
+    fkl = sk.gated_opd_loss(s, t, y, reduction="none", divergence="forward_kl", backend="torch")
+    assert torch.isfinite(fkl).all()
+
+
+def test_nan_propagates_to_its_position_only():
+    s, t, y = _inputs(shape=(4,), vocab=10, vocab_t=12, seed=9)
+    s[2, 1] = float("nan")
+    t[0, 7] = float("nan")
+    s = s.requires_grad_(True)
+    loss = sk.gated_opd_loss(s, t, y, reduction="none", backend="torch")
+    assert torch.isnan(loss[[0, 2]]).all() and torch.isfinite(loss[[1, 3]]).all()
+    loss.sum().backward()
+    assert torch.isfinite(s.grad[[1, 3]]).all()
+
+
+def test_all_positions_masked():
+    s, t, y = _inputs(shape=(2, 3), vocab=8, vocab_t=8, seed=10)
+    y[:] = -100
+    s = s.requires_grad_(True)
+    loss, stats = sk.gated_opd_loss(s, t, y, return_stats=True, backend="torch")
+    loss.backward()
+    assert loss.item() == 0.0 and (s.grad == 0).all()
+    assert all(float(v) == 0.0 for v in stats)
+
+
+def test_stats_and_weights():
+    s, t, y = _inputs(shape=(2, 4), vocab=15, vocab_t=15, seed=11)
+    y[1, 3] = -100
+    v = torch.tensor([True, False])
+    w = torch.tensor([2.0, 0.5])  # per sequence
+    loss, stats = sk.gated_opd_loss(s, t, y, v, weights=w, return_stats=True, backend="torch")
+    want, want_stats, _ = oracle_opd(s, t, y, v, weights=w)
+    assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    for name, value in want_stats.items():
+        assert abs(float(getattr(stats, name)) - value) < 1e-6, name
+    assert float(stats.consistent_frac) + float(stats.conflict_frac) <= 1.0 + 1e-6
+    lp_s = torch.log_softmax(s, -1)
+    ent = -(lp_s.exp() * lp_s).sum(-1)
+    valid = y != -100
+    assert abs(float(stats.student_entropy) - float(ent[valid].mean())) < 1e-6
+
+
+def test_chunking_bounds_memory(monkeypatch):
+    """Rows are processed in chunks: the result does not depend on the chunk size."""
+    s, t, y = _inputs(shape=(9,), vocab=40, vocab_t=40, seed=12)
+    full = sk.gated_opd_loss(s, t, y, torch.ones(9), reduction="none", backend="torch")
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 80)  # two rows a chunk
+    chunked = sk.gated_opd_loss(s, t, y, torch.ones(9), reduction="none", backend="torch")
+    assert torch.equal(full, chunked)
+
+
+def test_out_of_range_token_raises_on_torch_path():
+    s, t, y = _inputs(shape=(3,), vocab=8, vocab_t=8)
+    y[1] = 8
+    with pytest.raises(ValueError, match="tokens"):
+        sk.gated_opd_loss(s, t, y, backend="torch")
+    with pytest.raises(ValueError, match="tokens"):
+        sk.sampled_opd_loss(s, torch.zeros(3), y, backend="torch")
