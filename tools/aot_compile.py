@@ -40,9 +40,10 @@ def specializations():
     for dt, gate, rev, stats, strided in itertools.product(
             ("bf16", "fp32"), (False, True), (False, True), (False, True), (False, True)):
         p = DTYPES[dt]
-        names = ["S", "T", "TOK", "SIG", "OUT", "V", "D1", "s_st0", "s_st1", "s_stv", "t_st0",
-                 "t_st1", "t_stv", "scale2", "beta", "lam_pos", "lam_neg", "ignore_index"]
-        types = [p, p, "*i64", "*i8", "*fp32", i, i, "i64", "i64", i, "i64", "i64", i,
+        names = ["S", "T", "TOK", "SIG", "OUT", "V", "s_d1", "s_st0", "s_st1", "s_stv", "t_d1",
+                 "t_st0", "t_st1", "t_stv", "scale2", "beta", "lam_pos", "lam_neg",
+                 "ignore_index"]
+        types = [p, p, "*i64", "*i8", "*fp32", i, i, "i64", "i64", i, i, "i64", "i64", i,
                  f, f, f, f, "i64"]
         const = dict(HAS_GATE=gate, REVERSE=rev, STATS=stats, STRIDED_V=strided,
                      BLOCK_V=logits.FWD_BLOCK_V, ROW_K=C.ROW_K)
@@ -50,16 +51,16 @@ def specializations():
                logits._opd_fwd_kernel, names, types, const, logits.FWD_WARPS)
     for dt, rev, strided in itertools.product(("bf16", "fp32"), (False, True), (False, True)):
         p = DTYPES[dt]
-        names = ["S", "T", "TOK", "ROWS", "GROW", "DS", "V", "D1", "s_st0", "s_st1", "s_stv",
-                 "t_st0", "t_st1", "t_stv", "scale2", "inv_temp", "ignore_index"]
-        types = [p, p, "*i64", "*fp32", "*fp32", p, i, i, "i64", "i64", i, "i64", "i64", i,
+        names = ["S", "T", "TOK", "ROWS", "GROW", "DS", "V", "s_d1", "s_st0", "s_st1", "s_stv",
+                 "t_d1", "t_st0", "t_st1", "t_stv", "scale2", "inv_temp", "ignore_index"]
+        types = [p, p, "*i64", "*fp32", "*fp32", p, i, i, "i64", "i64", i, i, "i64", "i64", i,
                  f, f, "i64"]
         const = dict(REVERSE=rev, STRIDED_V=strided, BLOCK_V=logits.BWD_BLOCK_V, ROW_K=C.ROW_K)
         yield (f"opd_bwd {dt} rev={rev} strided={strided}", logits._opd_bwd_kernel, names, types,
                const, logits.BWD_WARPS)
     for dt, gate in itertools.product(("bf16", "fp32"), (False, True)):
         p = DTYPES[dt]
-        names = ["S", "TLP", "TOK", "SIG", "OUT", "V", "D1", "s_st0", "s_st1", "s_stv", "scale2",
+        names = ["S", "TLP", "TOK", "SIG", "OUT", "V", "s_d1", "s_st0", "s_st1", "s_stv", "scale2",
                  "lam_pos", "lam_neg", "ignore_index"]
         types = [p, "*fp32", "*i64", "*i8", "*fp32", i, i, "i64", "i64", i, f, f, f, "i64"]
         const = dict(HAS_GATE=gate, STRIDED_V=False, BLOCK_V=sampled.FWD_BLOCK_V,
@@ -68,7 +69,7 @@ def specializations():
                sampled.NUM_WARPS)
     for dt in ("bf16", "fp32"):
         p = DTYPES[dt]
-        names = ["S", "TOK", "ROWS", "GROW", "DS", "V", "D1", "s_st0", "s_st1", "s_stv",
+        names = ["S", "TOK", "ROWS", "GROW", "DS", "V", "s_d1", "s_st0", "s_st1", "s_stv",
                  "scale2", "inv_temp", "ignore_index"]
         types = [p, "*i64", "*fp32", "*fp32", p, i, i, "i64", "i64", i, f, f, "i64"]
         const = dict(STRIDED_V=False, BLOCK_V=sampled.BWD_BLOCK_V, ROW_K=C.SAMPLED_ROW_K)

@@ -70,19 +70,17 @@ def _load_row_block(row_ptr, cols, stv, V, STRIDED_V: tl.constexpr):
 @triton.jit
 def _opd_fwd_kernel(
     S, T, TOK, SIG, OUT,
-    V, D1,
-    s_st0, s_st1, s_stv,
-    t_st0, t_st1, t_stv,
+    V,
+    s_d1, s_st0, s_st1, s_stv,
+    t_d1, t_st0, t_st1, t_stv,
     scale2, beta, lam_pos, lam_neg, ignore_index,
     HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, STATS: tl.constexpr,
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, ROW_K: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
-    i0 = row // D1
-    i1 = row % D1
-    s_row = S + i0 * s_st0 + i1 * s_st1
-    t_row = T + i0 * t_st0 + i1 * t_st1
+    s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
+    t_row = T + (row // t_d1) * t_st0 + (row % t_d1) * t_st1
     y = tl.load(TOK + row).to(tl.int64)
     valid = y != ignore_index
     y_ok = (y >= 0) & (y < V)
@@ -248,9 +246,9 @@ def _opd_fwd_kernel(
 @triton.jit
 def _opd_bwd_kernel(
     S, T, TOK, ROWS, GROW, DS,
-    V, D1,
-    s_st0, s_st1, s_stv,
-    t_st0, t_st1, t_stv,
+    V,
+    s_d1, s_st0, s_st1, s_stv,
+    t_d1, t_st0, t_st1, t_stv,
     scale2, inv_temp, ignore_index,
     REVERSE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
     ROW_K: tl.constexpr,
@@ -258,8 +256,6 @@ def _opd_bwd_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    i0 = row // D1
-    i1 = row % D1
     y = tl.load(TOK + row).to(tl.int64)
     valid = y != ignore_index
     y_ok = (y >= 0) & (y < V)
@@ -274,8 +270,10 @@ def _opd_bwd_kernel(
     b = tl.load(st + 12)
     lse_c = tl.load(st + 13)
 
-    s = _load_row_block(S + i0 * s_st0 + i1 * s_st1, cols, s_stv, V, STRIDED_V) * scale2
-    t = _load_row_block(T + i0 * t_st0 + i1 * t_st1, cols, t_stv, V, STRIDED_V) * scale2
+    s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
+    t_row = T + (row // t_d1) * t_st0 + (row % t_d1) * t_st1
+    s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V) * scale2
+    t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V) * scale2
     sc = s - r_s
     tc = t - r_t
     p = tl.exp2(sc - lz_s)
@@ -322,7 +320,7 @@ def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
     block = block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab))
     _opd_fwd_kernel[(n,)](
         ls.tensor, lt.tensor, tokens, sig, out,
-        vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.st0, lt.st1, lt.stv,
+        vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / temperature, float(beta), float(lam_pos), float(lam_neg), int(ignore_index),
         HAS_GATE=sign is not None, REVERSE=bool(reverse), STATS=bool(stats),
         STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block, ROW_K=C.ROW_K,
@@ -344,7 +342,7 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, tem
     block = block_v or min(BWD_BLOCK_V, triton.next_power_of_2(vocab))
     _opd_bwd_kernel[(n, triton.cdiv(vocab, block))](
         ls.tensor, lt.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
-        vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.st0, lt.st1, lt.stv,
+        vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / temperature, 1.0 / temperature, int(ignore_index),
         REVERSE=bool(reverse), STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
         ROW_K=C.ROW_K, num_warps=BWD_WARPS,

@@ -20,7 +20,7 @@ from .logits import LOG2E, _load_row_block
 @triton.jit
 def _sampled_fwd_kernel(
     S, TLP, TOK, SIG, OUT,
-    V, D1, s_st0, s_st1, s_stv,
+    V, s_d1, s_st0, s_st1, s_stv,
     scale2, lam_pos, lam_neg, ignore_index,
     HAS_GATE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
     ROW_K: tl.constexpr,
@@ -28,7 +28,7 @@ def _sampled_fwd_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     LN2: tl.constexpr = 0.6931471805599453
     row = tl.program_id(0).to(tl.int64)
-    s_row = S + (row // D1) * s_st0 + (row % D1) * s_st1
+    s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
     y = tl.load(TOK + row).to(tl.int64)
     valid = y != ignore_index
     y_ok = (y >= 0) & (y < V)
@@ -86,7 +86,7 @@ def _sampled_fwd_kernel(
 @triton.jit
 def _sampled_bwd_kernel(
     S, TOK, ROWS, GROW, DS,
-    V, D1, s_st0, s_st1, s_stv,
+    V, s_d1, s_st0, s_st1, s_stv,
     scale2, inv_temp, ignore_index,
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, ROW_K: tl.constexpr,
 ):
@@ -100,7 +100,7 @@ def _sampled_bwd_kernel(
     adv = tl.load(st + 5)
     r_s = tl.load(st + 6)
     lz_s = tl.load(st + 7)
-    s = _load_row_block(S + (row // D1) * s_st0 + (row % D1) * s_st1, cols, s_stv, V,
+    s = _load_row_block(S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1, cols, s_stv, V,
                         STRIDED_V) * scale2
     p = tl.exp2(s - r_s - lz_s)
     onehot = (cols.to(tl.int64) == y).to(tl.float32)
