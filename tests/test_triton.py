@@ -170,18 +170,46 @@ def _rand(shape, vocab, vocab_t=None, seed=0, dtype=torch.float32, scale=3.0):
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
 def test_verdict_with_zero_delta_reads_lambda_one(divergence, small_blocks):
-    """A row with a verdict and delta == 0 takes lambda = 1 (the kernel's second read)."""
-    s, t, y = _rand((6,), 150, 160, seed=1)
-    t[:3, :150] = s[:3]  # delta == 0 on rows 0-2
+    """A row with a verdict and delta == 0 takes lambda = 1 (the kernel's second read).
+
+    delta == 0 exactly with p_T != p_S: integer logits at temperature log2(e) make
+    every sum exact in the kernel's base-2 arithmetic, and the teacher is the
+    student with the entries other than y permuted: same lp(y), another q.
+    """
+    gen = torch.Generator().manual_seed(1)
+    vocab, n = 150, 6
+    s = torch.randint(-8, 9, (n, vocab), generator=gen).float()
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    t = torch.randn(n, vocab + 4, generator=gen).round()
+    for row in range(3):  # rows 0-2: delta == 0 with a different teacher distribution
+        others = torch.tensor([v for v in range(vocab) if v != y[row]])
+        t[row, :vocab] = s[row]
+        t[row, others] = s[row, others[torch.randperm(len(others), generator=gen)]]
+        assert not torch.equal(t[row, :vocab], s[row])
     v = torch.tensor([True, False, True, True, False, True])
-    kw = dict(beta=0.4, divergence=divergence, reduction="none")
+    kw = dict(beta=0.4, divergence=divergence, reduction="none", temperature=math.log2(math.e))
     x = s.to(DEV).requires_grad_(True)
     loss, stats = sk.gated_opd_loss(x, t.to(DEV), y.to(DEV), v.to(DEV), return_stats=True,
                                     backend="triton", **kw)
     (g,) = torch.autograd.grad(loss.sum(), x)
-    want, want_stats, g_want = oracle_opd(s, t, y, v, **kw)
+    from sgopd_kernels import autograd as ops
+    rows = ops.opd_rows(s.to(DEV), t.to(DEV), y.to(DEV), torch.where(v, 1, -1).to(torch.int8)
+                        .to(DEV), 0.4, 1.8, 1.0, divergence == "reverse_kl", kw["temperature"],
+                        -100, True, "triton").cpu()
+    assert (rows[:3, 1] == 0).all() and (rows[:3, 2] == 0).all()  # delta and gate
+    neutral = torch.tensor([0.0, -1.0, 0.0, 1.0, -1.0, 1.0])  # what delta == 0 means
+    want, _, g_want = oracle_opd(s, t, y, neutral, **kw)
+    _, _, g_eager = oracle_opd(s, t, y, neutral, dtype=torch.float32, **kw)
     assert_loss_close(loss, want)
-    assert_grad_close(g, g_want, torch.float32)
+    assert_grad_close(g, g_want, torch.float32, g_eager)
+    # the lambda+ target differs from the lambda = 1 one here: the test can tell them apart
+    lp_s = torch.log_softmax(s.double() / kw["temperature"], -1)
+    lp_t = torch.log_softmax(t[:, :vocab].double() / kw["temperature"], -1)
+    log_q = torch.log_softmax(1.8 * lp_t + (1 - 1.8 + 0.4) * lp_s, -1)
+    p, q = lp_s.exp(), log_q.exp()
+    other = (p * (lp_s - log_q)).sum(-1) if divergence == "reverse_kl" else \
+        (q * (log_q - lp_s)).sum(-1)
+    assert (other[:3] - want[:3]).abs().min() > 1e-3
     assert float(stats.consistent_frac) + float(stats.conflict_frac) <= 0.5 + 1e-6
 
 
@@ -234,13 +262,13 @@ def test_all_masked_and_empty(sampled):
     fn = sk.sampled_opd_loss if sampled else sk.gated_opd_loss
     loss, stats = fn(x, other, y.to(DEV), return_stats=True, backend="triton")
     loss.backward()
-    assert float(loss) == 0.0 and not torch.isnan(x.grad).any() and (x.grad == 0).all()
+    assert float(loss.detach()) == 0.0 and not torch.isnan(x.grad).any() and (x.grad == 0).all()
     assert all(float(v) == 0.0 for v in stats)
     empty = torch.zeros(0, 40, device=DEV, requires_grad=True)
     other = torch.zeros(0, device=DEV) if sampled else torch.zeros(0, 40, device=DEV)
     loss = fn(empty, other, torch.zeros(0, dtype=torch.long, device=DEV), backend="triton")
     loss.backward()
-    assert float(loss) == 0.0 and empty.grad.shape == (0, 40)
+    assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 40)
 
 
 def test_bitwise_deterministic(small_blocks):
