@@ -24,7 +24,7 @@ pytestmark = needs_triton
 DEV = TRITON_DEVICE
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # no shrinking: in the interpreter it takes minutes; the failing example is printed as drawn
-HYP = settings(max_examples=40, deadline=None, derandomize=True,
+HYP = settings(max_examples=80, deadline=None, derandomize=True,
                phases=[Phase.explicit, Phase.reuse, Phase.generate],
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -1,0 +1,224 @@
+"""The public API: validation, broadcasting, backend choice, module, torch.compile."""
+
+import warnings
+
+import pytest
+import torch
+
+import sgopd_kernels as sk
+from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_RUNS, needs_cuda, needs_triton
+from helpers import assert_close, oracle_opd
+
+
+def _inputs(shape=(2, 3), vocab=11, vocab_t=None, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(*shape, vocab, generator=gen).to(dtype)
+    t = torch.randn(*shape, vocab_t or vocab, generator=gen).to(dtype)
+    y = torch.randint(0, vocab, shape, generator=gen)
+    return s, t, y
+
+
+def test_public_names():
+    assert set(sk.__all__) >= {"gated_opd_loss", "sampled_opd_loss", "GatedOPDLoss", "OPDStats",
+                               "resolve_backend", "__version__"}
+    assert sk.OPDStats._fields == ("consistent_frac", "conflict_frac", "mean_delta",
+                                   "teacher_kl", "student_entropy")
+
+
+# --------------------------------------------------------------------------- validation
+
+BAD_CALLS = [
+    # (what to change, exception, text the message must contain)
+    (dict(student_logits=torch.zeros(2, 3, 11, dtype=torch.int64)), TypeError, "student_logits"),
+    (dict(student_logits=torch.zeros(2, 3, 11, dtype=torch.complex64)), TypeError,
+     "student_logits"),
+    (dict(student_logits=[[0.0]]), TypeError, "student_logits"),
+    (dict(teacher_logits=torch.zeros(2, 3, 11, dtype=torch.int32)), TypeError, "teacher_logits"),
+    (dict(teacher_logits=torch.zeros(2, 4, 11)), ValueError, "teacher_logits"),
+    (dict(teacher_logits=torch.zeros(2, 3, 10)), ValueError, "V_T"),
+    (dict(tokens=torch.zeros(2, 4, dtype=torch.long)), ValueError, "tokens"),
+    (dict(tokens=torch.zeros(2, 3)), TypeError, "tokens"),
+    (dict(verifier=torch.ones(5, dtype=torch.bool)), ValueError, "verifier"),
+    (dict(verifier=torch.ones(2, dtype=torch.int64)), TypeError, "verifier"),
+    (dict(verifier=[True, False]), TypeError, "verifier"),
+    (dict(weights=torch.ones(3, 2)), ValueError, "weights"),
+    (dict(weights=torch.ones(2, 3, dtype=torch.long)), TypeError, "weights"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature="1"), TypeError, "temperature"),
+    (dict(beta=-0.1), ValueError, "beta"),
+    (dict(beta=torch.tensor(0.1)), TypeError, "beta"),
+    (dict(extrapolation=0.0), ValueError, "extrapolation"),
+    (dict(interpolation=-1.0), ValueError, "interpolation"),
+    (dict(divergence="js"), ValueError, "divergence"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(backend="jax"), ValueError, "backend"),
+    (dict(backend="cuda"), RuntimeError, "cuda"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(return_stats=1), TypeError, "return_stats"),
+    (dict(process_group=object()), NotImplementedError, "process_group"),
+    (dict(teacher_logits=torch.zeros(2, 3, 11, device="meta")), ValueError, "teacher_logits"),
+    (dict(tokens=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError, "tokens"),
+    (dict(weights=torch.ones(2, 3, device="meta")), ValueError, "weights"),
+]
+
+
+@pytest.mark.parametrize("change,exc,text", BAD_CALLS)
+def test_gated_misuse_raises_naming_the_argument(change, exc, text):
+    s, t, y = _inputs()
+    args = dict(student_logits=s, teacher_logits=t, tokens=y)
+    args.update(change)
+    with pytest.raises(exc, match=text):
+        sk.gated_opd_loss(**args)
+
+
+@pytest.mark.parametrize("change,exc,text", [
+    (dict(teacher_logprobs=torch.zeros(2, 4)), ValueError, "teacher_logprobs"),
+    (dict(teacher_logprobs=torch.zeros(2, 3, dtype=torch.long)), TypeError, "teacher_logprobs"),
+    (dict(tokens=torch.zeros(3, dtype=torch.long)), ValueError, "tokens"),
+    (dict(extrapolation=-2.0), ValueError, "extrapolation"),
+    (dict(student_logits=torch.zeros(2, 3, 11, dtype=torch.int8)), TypeError, "student_logits"),
+])
+def test_sampled_misuse_raises_naming_the_argument(change, exc, text):
+    s, _, y = _inputs()
+    args = dict(student_logits=s, teacher_logprobs=torch.zeros(2, 3), tokens=y)
+    args.update(change)
+    with pytest.raises(exc, match=text):
+        sk.sampled_opd_loss(**args)
+
+
+def test_triton_backend_rejects_float64_before_running():
+    if not TRITON_RUNS:
+        pytest.skip("triton does not run here")
+    s, t, y = _inputs(dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        sk.gated_opd_loss(s.to(TRITON_DEVICE), t.to(TRITON_DEVICE), y.to(TRITON_DEVICE),
+                          backend="triton")
+
+
+def test_float_rewards_warn_and_bool_verdicts_do_not():
+    s, t, y = _inputs()
+    with pytest.warns(UserWarning, match="verifier"):
+        sk.gated_opd_loss(s, t, y, torch.tensor([1.0, 0.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.gated_opd_loss(s, t, y, torch.tensor([True, False]))
+        sk.gated_opd_loss(s, t, y, torch.tensor([0.5, -1.5]))
+
+
+def test_module_validates_at_construction():
+    with pytest.raises(TypeError, match="unknown"):
+        sk.GatedOPDLoss(temprature=1.0)
+    with pytest.raises(ValueError, match="divergence"):
+        sk.GatedOPDLoss(divergence="tv")
+    with pytest.raises(ValueError, match="beta"):
+        sk.GatedOPDLoss(beta=-1)
+    mod = sk.GatedOPDLoss(beta=0.2, reduction="sum")
+    assert "beta=0.2" in repr(mod)
+    s, t, y = _inputs()
+    assert torch.equal(mod(s, t, y), sk.gated_opd_loss(s, t, y, beta=0.2, reduction="sum"))
+
+
+# --------------------------------------------------------------------------- backends
+
+def test_resolve_backend(monkeypatch):
+    assert sk.resolve_backend("auto", torch.zeros(1)) == "torch"
+    assert sk.resolve_backend("auto", "cpu") == "torch"
+    assert sk.resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(RuntimeError, match="not built"):
+        sk.resolve_backend("cuda", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        sk.resolve_backend("triton", "cpu")
+    if HAS_CUDA:
+        assert sk.resolve_backend("auto", "cuda") == "triton"
+        assert sk.resolve_backend("auto", "cuda", torch.float64) == "torch"
+
+
+# --------------------------------------------------------------------------- semantics
+
+def test_verifier_and_weights_broadcast_per_sequence():
+    s, t, y = _inputs(shape=(2, 4))
+    per_seq = torch.tensor([True, False])
+    per_pos = per_seq[:, None].expand(2, 4)
+    column = per_seq[:, None]
+    a = sk.gated_opd_loss(s, t, y, per_seq, weights=torch.tensor([1.0, 3.0]), reduction="none")
+    b = sk.gated_opd_loss(s, t, y, per_pos, weights=torch.tensor([[1.0], [3.0]]),
+                          reduction="none")
+    c = sk.gated_opd_loss(s, t, y, column, weights=torch.tensor([1.0, 3.0])[:, None].expand(2, 4),
+                          reduction="none")
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_dtypes_shapes_and_no_writes_to_inputs():
+    s, t, y = _inputs(shape=(2, 3), dtype=torch.bfloat16)
+    y[1, 2] = -100
+    s0, t0 = s.clone(), t.clone()
+    x = s.clone().requires_grad_(True)
+    loss = sk.gated_opd_loss(x, t, y, reduction="none")
+    assert loss.dtype == torch.float32 and loss.shape == y.shape and loss[1, 2] == 0
+    loss.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.shape == s.shape
+    assert torch.equal(x.detach(), s0) and torch.equal(t, t0)
+    assert (x.grad[1, 2] == 0).all()
+
+
+def test_teacher_gets_no_gradient():
+    s, t, y = _inputs()
+    t.requires_grad_(True)
+    x = s.clone().requires_grad_(True)
+    sk.gated_opd_loss(x, t, y).backward()
+    assert t.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_torch_compile_fullgraph(backend):
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    s, t, y = _inputs(shape=(2, 5), vocab=33, vocab_t=40)
+    s, t, y = s.to(dev), t.to(dev), y.to(dev)
+    v = torch.tensor([True, False], device=dev)
+
+    def step(x):
+        loss, stats = sk.gated_opd_loss(x, t, y, v, beta=0.3, return_stats=True,
+                                        backend=backend)
+        return loss * 2.0, stats.teacher_kl
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1 = s.clone().requires_grad_(True)
+    x2 = s.clone().requires_grad_(True)
+    l1, k1 = step(x1)
+    l2, k2 = compiled(x2)
+    l1.backward()
+    l2.backward()
+    assert torch.allclose(l1, l2) and torch.allclose(k1, k2)
+    assert torch.allclose(x1.grad, x2.grad)
+
+
+@needs_cuda
+def test_no_host_sync_on_cuda():
+    s, t, y = _inputs(shape=(4, 8), vocab=1000)
+    s, t, y = s.cuda().requires_grad_(True), t.cuda(), y.cuda()
+    v = torch.tensor([True, False, True, False], device="cuda")
+    sk.gated_opd_loss(s, t, y, v).backward()  # warm up (compilation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fn, other in ((sk.gated_opd_loss, t), (sk.sampled_opd_loss, t[..., 0])):
+            loss, stats = fn(s, other, y, v, return_stats=True)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_mean_counts_unmasked_positions_only():
+    s, t, y = _inputs(shape=(3, 4))
+    y[0] = -100
+    per_row = sk.gated_opd_loss(s, t, y, reduction="none")
+    mean = sk.gated_opd_loss(s, t, y)
+    total = sk.gated_opd_loss(s, t, y, reduction="sum")
+    assert_close(mean, per_row.sum() / 8, rtol=1e-6, atol=0)
+    assert_close(total, per_row.sum(), rtol=1e-6, atol=0)
+    want, _, _ = oracle_opd(s, t, y)
+    assert_close(mean, want, rtol=1e-5, atol=1e-6)
