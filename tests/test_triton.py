@@ -327,4 +327,4 @@ def test_bf16_error_at_most_twice_eager():
     err = (g.cpu().double() - g_want).norm()
     err_eager = (g_eager.double() - g_want).norm()
     assert err <= 2 * err_eager, (float(err), float(err_eager))
-    assert abs(float(loss) - float(want)) <= 2 * abs(float(eager) - float(want)) + 1e-4
+    assert abs(float(loss.detach()) - float(want)) <= 2 * abs(float(eager.detach()) - float(want)) + 1e-4
