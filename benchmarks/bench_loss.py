@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,7 +55,8 @@ def _list(kind, choices=None):
         items = [kind(x) for x in text.split(",") if x.strip()]
         bad = [x for x in items if choices is not None and x not in choices]
         if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {choices}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {choices}, got {text!r}")
         return tuple(items)
     return parse
 
@@ -62,10 +64,11 @@ def _list(kind, choices=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Benchmark sgopd_kernels' losses (forward, forward+backward, peak memory) "
-                    "beside eager PyTorch, torch.compile, Liger-Kernel, TRL and the speed of light.",
-        epilog="Default sweep on a GPU: N in %s x V in %s x bf16,fp32, cases %s (linear-rkl at N=%d "
-               "V=%d); on a CPU: N=64, V in 1000,4000." % (FULL_N, FULL_V, ", ".join(CASES), LINEAR_N,
-                                                           LINEAR_V))
+                    "beside eager PyTorch, torch.compile, Liger-Kernel, TRL and the speed of "
+                    "light.",
+        epilog=f"Default sweep on a GPU: N in {FULL_N} x V in {FULL_V} x bf16,fp32, cases "
+               f"{', '.join(CASES)} (linear-rkl at N={LINEAR_N} V={LINEAR_V}); on a CPU: N=64, "
+               "V in 1000,4000.")
     p.add_argument("--N", type=_list(int), help="rows (tokens), comma-separated")
     p.add_argument("--V", type=_list(int), help="vocabulary sizes, comma-separated")
     p.add_argument("--H", type=int, default=4096, help="hidden size of linear-rkl (default 4096)")
@@ -74,11 +77,14 @@ def parse_args(argv=None):
     p.add_argument("--providers", type=_list(str, PROVIDERS), default=PROVIDERS,
                    help=",".join(PROVIDERS) + " (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="N=8192, V in 32000,151936, bf16, the logits-* cases (flags above override)")
+                   help="N=8192, V in 32000,151936, bf16, the logits-* cases "
+                        "(--N/--V/--dtype/--cases override)")
     p.add_argument("--teacher-pad", action="store_true", help="teacher vocabulary V_T = V + 128")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
-    p.add_argument("--record", action="store_true", help="append results to the jsonl on a CPU too")
+    p.add_argument("--rep", type=int, default=100,
+                   help="do_bench repetition time, ms (default 100)")
+    p.add_argument("--record", action="store_true",
+                   help="append results to the jsonl on a CPU too")
     p.add_argument("--no-record", action="store_true", help="do not append results to the jsonl")
     p.add_argument("--plot", action="store_true", help="write PNG plots under benchmarks/results/")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
@@ -93,6 +99,9 @@ def parse_args(argv=None):
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.interpret:
     os.environ["TRITON_INTERPRET"] = "1"
+    # the interpreter also evaluates masked-off lanes (-inf - -inf): numpy warns; the loss check
+    # below still compares every kernel's result with eager PyTorch
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
 
 import torch  # noqa: E402
 
@@ -168,8 +177,9 @@ def reference_loss(inp, case, chunk_elements=1 << 26):
     step = max(1, chunk_elements // vocab)
     total = 0.0
     for a in range(0, n, step):
-        t = inp.tlp[a:a + step] if case == "sampled" else inp.t[a:a + step]
-        rows, _, _ = eager_rows(inp.s[a:a + step], t, inp.tok[a:a + step], inp.sign[a:a + step], case)
+        sl = slice(a, a + step)
+        t = inp.tlp[sl] if case == "sampled" else inp.t[sl]
+        rows, _, _ = eager_rows(inp.s[sl], t, inp.tok[sl], inp.sign[sl], case)
         total += float(rows.double().sum())
     return total / max(1, int((inp.tok != IGNORE).sum()))
 
@@ -184,7 +194,8 @@ def make_inputs(ctx, case, n, vocab, dtype):
         scale = 3.0 / math.sqrt(h)  # logits of std ~3
         return SimpleNamespace(
             hs=torch.randn(n, h, device=dev, dtype=dtype, generator=g).requires_grad_(),
-            ws=(torch.randn(vocab, h, device=dev, dtype=dtype, generator=g) * scale).requires_grad_(),
+            ws=(torch.randn(vocab, h, device=dev, dtype=dtype, generator=g) * scale
+                ).requires_grad_(),
             ht=torch.randn(n, h, device=dev, dtype=dtype, generator=g),
             wt=torch.randn(vocab, h, device=dev, dtype=dtype, generator=g) * scale)
     b = 8 if n % 8 == 0 else 1  # sequences: the verifier is one bool per sequence
@@ -220,8 +231,9 @@ def sgopd_provider(ctx, case, inp, prov):
         tlp = inp.tlp.view(lead)
 
         def forward():
-            return sk.sampled_opd_loss(inp.s.view(*lead, vocab), tlp, tok, inp.ver, backend=backend,
-                                       extrapolation=LAM_POS, interpolation=LAM_NEG)
+            return sk.sampled_opd_loss(inp.s.view(*lead, vocab), tlp, tok, inp.ver,
+                                       extrapolation=LAM_POS, interpolation=LAM_NEG,
+                                       backend=backend)
         return forward, [inp.s]
     kw = {"logits-rkl": dict(divergence="reverse_kl"),
           "logits-fkl": dict(divergence="forward_kl"),
@@ -278,7 +290,8 @@ def liger_provider(ctx, case, inp):
 
 def trl_provider(ctx, case, inp):
     if case != "linear-rkl":
-        raise Skip("TRL's ChunkedDivergenceFunction takes hidden states and LM heads: see linear-rkl")
+        raise Skip("TRL's ChunkedDivergenceFunction takes hidden states and LM heads: "
+                   "see linear-rkl")
     if not ctx.on_gpu:
         raise Skip("TRL's chunked divergence runs Triton kernels on CUDA tensors")
     try:
@@ -288,8 +301,8 @@ def trl_provider(ctx, case, inp):
             from None
 
     def forward():  # beta=1.0: reverse KL(student || teacher); per-token divergence and entropy
-        divergence, _entropy = ChunkedDivergenceFunction.apply(inp.hs, inp.ws, None, inp.ht, inp.wt,
-                                                               None, 1.0)
+        divergence, _entropy = ChunkedDivergenceFunction.apply(
+            inp.hs, inp.ws, None, inp.ht, inp.wt, None, 1.0)
         return divergence.mean()
     return forward, [inp.hs, inp.ws]
 
@@ -319,8 +332,9 @@ def time_ms(ctx, fn, grads):
     """[median, p20, p80] in ms: do_bench on a GPU, perf_counter repetitions on the CPU."""
     if ctx.on_gpu:
         from triton.testing import do_bench
-        return list(do_bench(fn, warmup=ctx.args.warmup, rep=ctx.args.rep, grad_to_none=grads or None,
-                             quantiles=[0.5, 0.2, 0.8]))
+        return list(do_bench(fn, warmup=ctx.args.warmup, rep=ctx.args.rep,
+                             grad_to_none=grads or None, quantiles=[0.5, 0.2, 0.8]))
+    fn()  # untimed: first-call costs (autograd threads, allocations)
     times, deadline = [], time.perf_counter() + ctx.args.rep / 1e3
     while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
         for x in grads:
@@ -370,7 +384,7 @@ def copy_bandwidth(ctx):
 
 
 def gemm_floor(ctx, inp):
-    """The 2 (fwd) and 4 (fwd_bwd) N x H x V GEMMs of a fused linear loss, timed with torch.matmul."""
+    """The 2 (fwd) and 4 (fwd_bwd) N x H x V GEMMs of a fused linear loss (torch.matmul)."""
     hs, ws, ht, wt = (x.detach() for x in (inp.hs, inp.ws, inp.ht, inp.wt))
     zs = hs.new_empty(hs.shape[0], ws.shape[0])
     zt, gh, gw = torch.empty_like(zs), torch.empty_like(hs), torch.empty_like(ws)
@@ -386,8 +400,11 @@ def gemm_floor(ctx, inp):
     return {"fwd": time_ms(ctx, fwd, []), "fwd_bwd": time_ms(ctx, fwd_bwd, [])}
 
 
-def speed_of_light(ctx, case, n, vocab, elt):
-    """Minimum time for the bytes the loss must move at the measured copy bandwidth."""
+def speed_of_light(ctx, case, inp, n, vocab, elt):
+    """{mode: [ms, p20, p80]}: the time of the bytes the loss must move at the measured copy
+    bandwidth; for linear-rkl the GEMM floor."""
+    if case == "linear-rkl":
+        return gemm_floor(ctx, inp)
     reads = {"fwd": 1, "fwd_bwd": 2} if case == "sampled" else {"fwd": 2, "fwd_bwd": 3}
     return {m: [k * n * vocab * elt / ctx.bandwidth * 1e3] * 3 for m, k in reads.items()}
 
@@ -404,13 +421,19 @@ def needed_bytes(ctx, case, n, vocab, elt):
 # ---------------------------------------------------------------------------
 # one shape
 
+def _reason(e):
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of GPU memory"
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def measure(ctx, prov, forward, grads, ref, dtype_name):
-    """{mode: (ms, p20, p80, peak_gb)} and the check; prints and returns None on failure."""
+    """{mode: [ms, p20, p80, peak_gb]} of the modes that ran; the check: ok, mismatch or None."""
     def fwd_bwd():
         forward().backward()
     out, check, failed = {}, None, None
     try:
-        loss = float(forward())  # first call: compiles / autotunes; its value is checked
+        loss = float(forward().detach())  # first call: compiles / autotunes; its value is checked
         if prov in CHECKED and ref is not None:
             rel = abs(loss - ref) / max(abs(ref), 1e-3)
             check = "ok" if rel < TOLERANCE[dtype_name] else "mismatch"
@@ -421,15 +444,13 @@ def measure(ctx, prov, forward, grads, ref, dtype_name):
         for mode, fn in (("fwd", forward), ("fwd_bwd", fwd_bwd)):
             ms = time_ms(ctx, fn, grads)
             out[mode] = ms + [peak_gb(ctx, fn, grads)]
-    except torch.cuda.OutOfMemoryError:
-        failed = "out of GPU memory"
-    except Exception as e:  # a competitor's API mismatch, a compile failure, ...
-        failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    except Exception as e:  # out of memory, a competitor's API mismatch, a compile failure, ...
+        failed = _reason(e)
     for x in grads:
         x.grad = None
+    free_memory(ctx)
     if failed:
-        free_memory(ctx)
-        print(f"  {prov:<15} skipped: {failed}", flush=True)
+        print(f"  {prov:<15} failed, {', '.join(out) or 'nothing'} measured: {failed}", flush=True)
     return out, check
 
 
@@ -446,14 +467,25 @@ def run_shape(ctx, case, n, vocab, dtype_name, providers):
     v_t = vocab + 128 if ctx.args.teacher_pad and case in LOGITS_CASES[:3] else vocab
     if "torch-compile" in providers:
         torch._dynamo.reset()  # a fresh torch.compile per shape: no silent fall-back to eager
-    inp = make_inputs(ctx, case, n, vocab, dtype)
-    ref = None if case == "linear-rkl" else reference_loss(inp, case)
+    try:
+        inp = make_inputs(ctx, case, n, vocab, dtype)
+        ref = None if case == "linear-rkl" else reference_loss(inp, case)
+    except torch.cuda.OutOfMemoryError:
+        inp = None
+    if inp is None:
+        free_memory(ctx)
+        print("  skip: out of GPU memory creating the inputs or the eager reference", flush=True)
+        return []
     records = []
     for prov in providers:
         if prov == "speed-of-light":
-            res = gemm_floor(ctx, inp) if case == "linear-rkl" else speed_of_light(ctx, case, n, vocab,
-                                                                                   elt)
-            result, check = {m: v + [None] for m, v in res.items()}, None
+            result, check = {}, None
+            try:
+                result = {m: v + [None] for m, v in speed_of_light(ctx, case, inp, n, vocab,
+                                                                   elt).items()}
+            except Exception as e:  # the GEMM floor's buffers may not fit
+                print(f"  {prov:<15} failed: {_reason(e)}", flush=True)
+            free_memory(ctx)
         else:
             try:
                 forward, grads = build_provider(ctx, case, inp, prov)
@@ -470,7 +502,8 @@ def run_shape(ctx, case, n, vocab, dtype_name, providers):
                                 bandwidth_tbs=ctx.bandwidth / 1e12, check=check, V_T=v_t))
         if result:
             line = "".join(f"   {m} {result[m][0]:9.3f} ms" for m in MODES if m in result)
-            peaks = [f"{result[m][3]:.2f}" for m in MODES if result.get(m, [None] * 4)[3] is not None]
+            peaks = [f"{result[m][3]:.2f}" for m in MODES
+                     if result.get(m, [None] * 4)[3] is not None]
             mem = f"   peak {' / '.join(peaks)} GB" if peaks else ""
             print(f"  {prov:<15}{line}{mem}", flush=True)
     del inp
@@ -482,13 +515,16 @@ def run_shape(ctx, case, n, vocab, dtype_name, providers):
 # output
 
 def print_table(records):
+    if not records:
+        print("\nno measurements")
+        return
     by = {}
     for r in records:
         by.setdefault((r["case"], r["N"], r["V"], r["H"], r["dtype"]), {}).setdefault(
             r["provider"], {})[r["mode"]] = r
     head = (f"{'case':<13}{'N':>6}{'V':>7} {'dtype':<5} {'provider':<15}"
             f"{'fwd ms [p20, p80]':>27}{'fwd+bwd ms [p20, p80]':>29}"
-            f"{'x compile f/fb':>16}{'% SoL f/fb':>13}{'GB f/fb':>14}  check")
+            f"{'x compile f/fb':>16}{'% SoL f/fb':>15}{'GB f/fb':>13}  check")
     print("\n" + head + "\n" + "-" * len(head))
     for (case, n, vocab, _h, dt), provs in by.items():
         comp, sol = provs.get("torch-compile", {}), provs.get("speed-of-light", {})
@@ -496,7 +532,8 @@ def print_table(records):
             cells = []
             for m in MODES:
                 r = modes.get(m)
-                cells.append("-" if r is None else f"{r['ms']:.3f} [{r['p20']:.3f}, {r['p80']:.3f}]")
+                cells.append("-" if r is None
+                             else f"{r['ms']:.3f} [{r['p20']:.3f}, {r['p80']:.3f}]")
 
             def ratio(ref, scale, m):
                 r = modes.get(m)
@@ -507,7 +544,7 @@ def print_table(records):
                           else f"{modes[m]['peak_gb']:.2f}" for m in MODES)
             check = next((r["check"] for r in modes.values() if r.get("check")), "")
             print(f"{case:<13}{n:>6}{vocab:>7} {dt:<5} {prov:<15}{cells[0]:>27}{cells[1]:>29}"
-                  f"{x:>16}{pct:>13}{gb:>14}  {check}")
+                  f"{x:>16}{pct:>15}{gb:>13}  {check}")
     print("x compile: torch.compile time / this time; % SoL: speed-of-light time / this time "
           "(linear-rkl: the GEMM floor); GB: peak memory above the inputs.")
 
@@ -541,15 +578,10 @@ def main(args):
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton_version())
     ctx = SimpleNamespace(args=args, on_gpu=on_gpu, device=device, meta=meta, told=set())
-    if on_gpu:
-        ns, vs, dts = FULL_N, FULL_V, DTYPES
-    else:
-        ns, vs, dts = CPU_N, CPU_V, DTYPES
-        print(CPU_NOTE, flush=True)
-        if args.quick:
-            print("--quick is a GPU preset; on the CPU the small default shapes run", flush=True)
-    cases = CASES
-    if args.quick and on_gpu:
+    (ns, vs), dts, cases = (FULL_N, FULL_V) if on_gpu else (CPU_N, CPU_V), DTYPES, CASES
+    if not on_gpu:
+        print(CPU_NOTE + (" (--quick is a GPU preset)" if args.quick else ""), flush=True)
+    elif args.quick:
         ns, vs, dts, cases = QUICK_N, QUICK_V, ("bf16",), LOGITS_CASES[:3]
     ns, vs, dts, cases = args.N or ns, args.V or vs, args.dtype or dts, args.cases or cases
     record = not args.no_record and (on_gpu or args.record)
@@ -559,19 +591,15 @@ def main(args):
     ctx.bandwidth = copy_bandwidth(ctx)
     print(f"copy bandwidth {ctx.bandwidth / 1e12:.3f} TB/s (read + write)", flush=True)
 
-    combos = []
-    for case in cases:
-        if case == "linear-rkl":
-            if not on_gpu:
-                print("linear-rkl: skipped on the CPU (competitors and the GEMM floor need a GPU)")
-                continue
-            combos += [(case, n, v, d) for n in (args.N or (LINEAR_N,))
+    combos = [(c, n, v, d) for c in cases if c != "linear-rkl"
+              for n in ns for v in vs for d in dts]
+    if "linear-rkl" in cases:
+        print("linear-rkl: the library's fused-linear path is not implemented yet, so only the "
+              "competitors and the GEMM floor run there" + ("" if on_gpu else "; they need a GPU: "
+                                                                 "skipped"), flush=True)
+        if on_gpu:
+            combos += [("linear-rkl", n, v, d) for n in (args.N or (LINEAR_N,))
                        for v in (args.V or (LINEAR_V,)) for d in dts]
-        else:
-            combos += [(case, n, v, d) for n in ns for v in vs for d in dts]
-    if "linear-rkl" in cases and on_gpu:
-        print("linear-rkl: the library's fused-linear path is not implemented yet; benchmarking "
-              "the competitors and the GEMM floor only", flush=True)
     records = []
     for i, (case, n, vocab, dt) in enumerate(combos, 1):
         h = f" H={args.H}" if case == "linear-rkl" else ""
