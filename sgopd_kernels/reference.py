@@ -135,23 +135,27 @@ def bridge_terms(
     )
 
 
+def _table(student, others, tokens, sign, vocab, row_k, columns, terms, **kw):
+    """Fill the per-row table chunk by chunk: ``terms`` maps a chunk to named row values."""
+    n = student.shape[0]
+    check_tokens(tokens, vocab, ignore_index=kw["ignore_index"])
+    cdt = _compute_dtype(student, *others)
+    out = torch.zeros(n, row_k, dtype=cdt, device=student.device)
+    for sl in _chunks(n, vocab):
+        r = terms(student[sl].to(cdt), *(x[sl].to(cdt) for x in others), tokens[sl],
+                  None if sign is None else sign[sl].to(cdt), **kw)
+        for name, col in columns.items():
+            out[sl, col] = r[name]
+    return out
+
+
 def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
              temperature, ignore_index) -> torch.Tensor:
     """Per-row table (N, C.ROW_K) for logits ``student`` (N, V), ``teacher`` (N, >=V)."""
-    n, vocab = student.shape
-    check_tokens(tokens, vocab, ignore_index)
-    cdt = _compute_dtype(student, teacher)
-    out = torch.zeros(n, C.ROW_K, dtype=cdt, device=student.device)
-    for sl in _chunks(n, vocab):
-        r = bridge_terms(
-            student[sl].to(cdt), teacher[sl, :vocab].to(cdt), tokens[sl],
-            None if sign is None else sign[sl].to(cdt),
-            beta=beta, lam_pos=lam_pos, lam_neg=lam_neg, reverse=reverse,
-            temperature=temperature, ignore_index=ignore_index,
-        )
-        for name, col in C.TORCH_COLUMNS.items():
-            out[sl, col] = r[name]
-    return out
+    vocab = student.shape[1]
+    return _table(student, (teacher[:, :vocab],), tokens, sign, vocab, C.ROW_K,
+                  C.TORCH_COLUMNS, bridge_terms, beta=beta, lam_pos=lam_pos, lam_neg=lam_neg,
+                  reverse=reverse, temperature=temperature, ignore_index=ignore_index)
 
 
 def opd_grad_chunk(s_logits, t_logits, a, b, *, reverse: bool, temperature: float):
@@ -221,20 +225,10 @@ def sampled_terms(s_logits, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg,
 
 def sampled_rows(student, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg, temperature,
                  ignore_index) -> torch.Tensor:
-    n, vocab = student.shape
-    check_tokens(tokens, vocab, ignore_index)
-    cdt = _compute_dtype(student, teacher_logprobs)
-    out = torch.zeros(n, C.SAMPLED_ROW_K, dtype=cdt, device=student.device)
-    for sl in _chunks(n, vocab):
-        r = sampled_terms(
-            student[sl].to(cdt), teacher_logprobs[sl].to(cdt), tokens[sl],
-            None if sign is None else sign[sl].to(cdt),
-            lam_pos=lam_pos, lam_neg=lam_neg, temperature=temperature,
-            ignore_index=ignore_index,
-        )
-        for name, col in C.SAMPLED_TORCH_COLUMNS.items():
-            out[sl, col] = r[name]
-    return out
+    """Per-row table (N, C.SAMPLED_ROW_K) of the sampled estimator."""
+    return _table(student, (teacher_logprobs,), tokens, sign, student.shape[1],
+                  C.SAMPLED_ROW_K, C.SAMPLED_TORCH_COLUMNS, sampled_terms, lam_pos=lam_pos,
+                  lam_neg=lam_neg, temperature=temperature, ignore_index=ignore_index)
 
 
 def sampled_rows_backward(grad_rows, student, tokens, rows, *, temperature, ignore_index):

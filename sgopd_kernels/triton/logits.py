@@ -58,6 +58,13 @@ def _cand_update(x, m, z, acc_x, acc_s, sc, FKL: tl.constexpr):
 
 
 @triton.jit
+def _row_token(TOK, row, V, ignore_index):
+    """The row's sampled token, whether the row counts, and whether the id is in [0, V)."""
+    y = tl.load(TOK + row).to(tl.int64)
+    return y, y != ignore_index, (y >= 0) & (y < V)
+
+
+@triton.jit
 def _load_row_block(row_ptr, cols, stv, V, STRIDED_V: tl.constexpr):
     msk = cols < V
     if STRIDED_V:
@@ -81,9 +88,7 @@ def _opd_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
     t_row = T + (row // t_d1) * t_st0 + (row % t_d1) * t_st1
-    y = tl.load(TOK + row).to(tl.int64)
-    valid = y != ignore_index
-    y_ok = (y >= 0) & (y < V)
+    y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
 
     # candidate bridges: slot 0 = lambda+ (or 1), slot 1 = lambda- (or 1)
@@ -256,9 +261,7 @@ def _opd_bwd_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    y = tl.load(TOK + row).to(tl.int64)
-    valid = y != ignore_index
-    y_ok = (y >= 0) & (y < V)
+    y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
     gr = tl.load(GROW + row)
     st = ROWS + row * ROW_K
     r_s = tl.load(st + 5)

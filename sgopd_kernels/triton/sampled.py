@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .. import _rows as C
 from ._layout import row_layout
-from .logits import LOG2E, _load_row_block
+from .logits import LOG2E, _load_row_block, _row_token
 
 
 @triton.jit
@@ -29,9 +29,7 @@ def _sampled_fwd_kernel(
     LN2: tl.constexpr = 0.6931471805599453
     row = tl.program_id(0).to(tl.int64)
     s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
-    y = tl.load(TOK + row).to(tl.int64)
-    valid = y != ignore_index
-    y_ok = (y >= 0) & (y < V)
+    y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)
 
     zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)
@@ -92,9 +90,7 @@ def _sampled_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    y = tl.load(TOK + row).to(tl.int64)
-    valid = y != ignore_index
-    y_ok = (y >= 0) & (y < V)
+    y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
     gr = tl.load(GROW + row)
     st = ROWS + row * ROW_K
     adv = tl.load(st + 5)
