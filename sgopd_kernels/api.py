@@ -194,10 +194,11 @@ def _verifier_sign(verifier, lead: torch.Size, device: torch.device) -> Optional
         raise TypeError(f"verifier: expected None or a torch.Tensor, got {type(verifier).__name__}")
     _check_device("verifier", verifier, device)
     if verifier.dtype == torch.bool:
-        sign = verifier.to(torch.int8) * 2 - 1
+        sign = verifier.to(torch.float32) * 2 - 1
     elif verifier.is_floating_point():
         _warn_if_rewards(verifier)
-        sign = torch.sign(verifier).to(torch.int8)
+        v = verifier.detach().to(torch.float32)
+        sign = torch.where(torch.isnan(v), v, torch.sign(v))  # NaN stays NaN
     else:
         raise TypeError(f"verifier: expected a bool tensor (verdicts) or a floating tensor "
                         f"(signed advantages), got {verifier.dtype}; integer 0/1 rewards would "

@@ -43,7 +43,7 @@ def _xmul(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
-    """sign(x) with NaN -> 0 (torch.sign keeps NaN)."""
+    """sign(x) with NaN -> 0."""
     return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
 
@@ -58,11 +58,14 @@ def check_tokens(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
 
 
 def gate_lambda(delta, sign, lam_pos: float, lam_neg: float):
-    """lambda per row from the sign-consistency gate g = sign(delta) * sigma."""
+    """lambda per row from the sign-consistency gate g = sign(delta) * sigma.
+
+    A NaN verdict gives lambda = NaN: NaN in an input reaches that position's loss.
+    """
     g = _sign(delta) * sign if sign is not None else torch.zeros_like(delta)
     one = torch.ones_like(delta)
     lam = torch.where(g > 0, one * lam_pos, torch.where(g < 0, one * lam_neg, one))
-    return lam, g
+    return torch.where(torch.isnan(g), one * math.nan, lam), g
 
 
 def sampled_delta(lp_t_y: torch.Tensor, lp_s_y: torch.Tensor) -> torch.Tensor:

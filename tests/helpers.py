@@ -21,7 +21,8 @@ def sign_rows(verifier, lead):
     if v.dtype == torch.bool:
         v = torch.where(v, 1.0, -1.0).double()
     else:
-        v = torch.sign(v.double())
+        v = v.double()
+        v = torch.where(torch.isnan(v), v, torch.sign(v))
     if v.dim() < len(lead):
         v = v.reshape(tuple(v.shape) + (1,) * (len(lead) - v.dim()))
     return torch.broadcast_to(v, lead).reshape(-1)

@@ -195,6 +195,20 @@ def test_nan_propagates_to_its_position_only():
     assert torch.isfinite(s.grad[[1, 3]]).all()
 
 
+@pytest.mark.parametrize("divergence", DIVS)
+def test_nan_verifier_poisons_its_position_only(divergence):
+    s, t, y = _inputs(shape=(4,), vocab=10, vocab_t=10, seed=13)
+    v = torch.tensor([1.0, float("nan"), -1.0, 0.0])
+    s = s.requires_grad_(True)
+    loss = sk.gated_opd_loss(s, t, y, v, divergence=divergence, reduction="none",
+                             backend="torch")
+    sampled = sk.sampled_opd_loss(s, t[:, 0], y, v, reduction="none", backend="torch")
+    for out in (loss, sampled):
+        assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+    loss.sum().backward()
+    assert torch.isnan(s.grad[1]).all() and torch.isfinite(s.grad[[0, 2, 3]]).all()
+
+
 def test_all_positions_masked():
     s, t, y = _inputs(shape=(2, 3), vocab=8, vocab_t=8, seed=10)
     y[:] = -100

@@ -193,7 +193,7 @@ def test_verdict_with_zero_delta_reads_lambda_one(divergence, small_blocks):
                                     backend="triton", **kw)
     (g,) = torch.autograd.grad(loss.sum(), x)
     from sgopd_kernels import autograd as ops
-    rows = ops.opd_rows(s.to(DEV), t.to(DEV), y.to(DEV), torch.where(v, 1, -1).to(torch.int8)
+    rows = ops.opd_rows(s.to(DEV), t.to(DEV), y.to(DEV), torch.where(v, 1.0, -1.0)
                         .to(DEV), 0.4, 1.8, 1.0, divergence == "reverse_kl", kw["temperature"],
                         -100, True, "triton").cpu()
     assert (rows[:3, 1] == 0).all() and (rows[:3, 2] == 0).all()  # delta and gate
@@ -237,6 +237,23 @@ def test_nan_stays_in_its_row(small_blocks):
     assert torch.isfinite(g[[0, 2, 4]]).all()
     want, _, g_want = oracle_opd(s, t, y, torch.ones(5), reduction="none")
     assert_grad_close(g[[0, 2, 4]], g_want[[0, 2, 4]], torch.float32)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_nan_verifier_poisons_its_position_only(sampled):
+    s, t, y = _rand((4,), 60, seed=11)
+    v = torch.tensor([1.0, float("nan"), -1.0, 0.0])
+    x = s.to(DEV).requires_grad_(True)
+    if sampled:
+        loss = sk.sampled_opd_loss(x, t[:, 0].to(DEV), y.to(DEV), v.to(DEV), reduction="none",
+                                   backend="triton")
+    else:
+        loss = sk.gated_opd_loss(x, t.to(DEV), y.to(DEV), v.to(DEV), reduction="none",
+                                 divergence="forward_kl", backend="triton")
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    loss, g = loss.cpu(), g.cpu()
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+    assert torch.isnan(g[1]).all() and torch.isfinite(g[[0, 2, 3]]).all()
 
 
 def test_out_of_range_token_gives_nan_row_not_a_read():

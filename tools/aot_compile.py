@@ -43,7 +43,7 @@ def specializations():
         names = ["S", "T", "TOK", "SIG", "OUT", "V", "s_d1", "s_st0", "s_st1", "s_stv", "t_d1",
                  "t_st0", "t_st1", "t_stv", "scale2", "beta", "lam_pos", "lam_neg",
                  "ignore_index"]
-        types = [p, p, "*i64", "*i8", "*fp32", i, i, "i64", "i64", i, i, "i64", "i64", i,
+        types = [p, p, "*i64", "*fp32", "*fp32", i, i, "i64", "i64", i, i, "i64", "i64", i,
                  f, f, f, f, "i64"]
         const = dict(HAS_GATE=gate, REVERSE=rev, STATS=stats, STRIDED_V=strided,
                      BLOCK_V=logits.FWD_BLOCK_V, ROW_K=C.ROW_K)
@@ -62,7 +62,7 @@ def specializations():
         p = DTYPES[dt]
         names = ["S", "TLP", "TOK", "SIG", "OUT", "V", "s_d1", "s_st0", "s_st1", "s_stv", "scale2",
                  "lam_pos", "lam_neg", "ignore_index"]
-        types = [p, "*fp32", "*i64", "*i8", "*fp32", i, i, "i64", "i64", i, f, f, f, "i64"]
+        types = [p, "*fp32", "*i64", "*fp32", "*fp32", i, i, "i64", "i64", i, f, f, f, "i64"]
         const = dict(HAS_GATE=gate, STRIDED_V=False, BLOCK_V=sampled.FWD_BLOCK_V,
                      ROW_K=C.SAMPLED_ROW_K)
         yield (f"sampled_fwd {dt} gate={gate}", sampled._sampled_fwd_kernel, names, types, const,

@@ -224,6 +224,9 @@ def _opd_fwd_kernel(
     else:
         loss2 = (ax_c / z_c - lz_c) - (as_c / z_c - lz_s)
     loss2 = tl.where(z_c == 0.0, float("inf"), loss2)  # empty joint support
+    if HAS_GATE:  # a NaN verifier poisons its position: the loss and (through a) the gradient
+        a_c = tl.where(sig != sig, float("nan"), a_c)
+        loss2 = tl.where(sig != sig, float("nan"), loss2)
     loss = tl.where(y_ok, loss2 * 0.6931471805599453, float("nan"))
 
     out = OUT + row * ROW_K

@@ -64,6 +64,7 @@ def _sampled_fwd_kernel(
         sig = tl.load(SIG + row).to(tl.float32)
         g = ((delta > 0.0).to(tl.float32) - (delta < 0.0).to(tl.float32)) * sig
         lam = tl.where(g > 0.0, lam_pos, tl.where(g < 0.0, lam_neg, 1.0))
+        lam = tl.where(sig != sig, float("nan"), lam)  # a NaN verifier poisons its position
     else:
         g = delta * 0.0
         lam = 1.0
