@@ -5,6 +5,9 @@ the loss and the statistics (columns 0-4, the same meaning for every
 backend), then what that backend's backward needs (the rest). Masked
 positions hold zeros. The table is O(rows): it is all a forward keeps. It is
 float32, except on the torch backend for float64 inputs (float64).
+
+The Triton kernels write and read these columns by their numbers (a jit
+function cannot read module globals): change a number here and there together.
 """
 
 # shared by all backends (natural-log units)

@@ -22,7 +22,7 @@ lambda = 1 candidate that was not carried: it reads its row a second time
 
 Backward: a 2-D grid over (row, vocabulary block) that re-reads the logits and
 writes the gradient from the saved row state. The gradient is not stored in
-forward: see docs/design.md for the measured reasoning.
+forward: docs/design.md gives the byte counts behind that choice.
 """
 
 from __future__ import annotations
