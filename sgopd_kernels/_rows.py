@@ -17,16 +17,17 @@ GATE = 2          # g = sign(delta) * sigma, in {-1, 0, +1}
 TEACHER_KL = 3    # KL(p_S || p_T), unbridged
 ENTROPY = 4       # H(p_S)
 
-# Triton backward state (base-2 units, scaled logits s2 = z * log2(e) / tau)
-REF_S = 5         # reference (row max) of s2
-LOG2Z_S = 6       # log2 sum 2^(s2 - REF_S)
-MEAN_S = 7        # E_{p_S}[s2 - REF_S]
-REF_T = 8
-LOG2Z_T = 9
-MEAN_T = 10       # E_{p_S}[t2 - REF_T]
+# Triton backward state: raw-logit references, base-2 sums (scale2 = log2(e) / tau)
+REF_S = 5         # row max of the raw student logits
+LOG2Z_S = 6       # log2 sum 2^((z_S - REF_S) scale2)
+FRAME_S = 7       # the fixed frame: max(first block's max, z_S[y]) of the raw student logits
+FRAME_T = 8       # the same for the teacher (each 0 where it would be -inf)
+MEAN_S = 9        # E_{p_S}[(z_S - FRAME_S) scale2]
+MEAN_T = 10       # E_{p_S}[(z_T - FRAME_T) scale2]
 A = 11            # bridge coefficient a = lambda (all backends)
 B = 12            # bridge coefficient b = 1 - lambda + beta (all backends)
-LSE_Q = 13        # log2 sum over the support of 2^(a (t2-REF_T) + b (s2-REF_S))
+MAX_Q = 13        # max over the support of x = (a (z_T - FRAME_T) + b (z_S - FRAME_S)) scale2
+LOG2Z_Q = 14      # log2 sum 2^(x - MAX_Q)
 ROW_K = 16
 
 TORCH_COLUMNS = {"loss": LOSS, "delta": DELTA, "gate": GATE, "teacher_kl": TEACHER_KL,
@@ -34,8 +35,8 @@ TORCH_COLUMNS = {"loss": LOSS, "delta": DELTA, "gate": GATE, "teacher_kl": TEACH
 
 # the sampled-token estimator: columns 0-4 as above, then
 S_ADV = 5         # A = lambda * delta, the detached advantage (natural units)
-S_REF = 6         # reference of s2 (Triton)
-S_LOG2Z = 7       # log2 sum 2^(s2 - S_REF) (Triton)
+S_REF = 6         # row max of the raw student logits (Triton)
+S_LOG2Z = 7       # log2 sum 2^((z_S - S_REF) scale2) (Triton)
 SAMPLED_ROW_K = 8
 
 SAMPLED_TORCH_COLUMNS = {"loss": LOSS, "delta": DELTA, "gate": GATE, "teacher_kl": TEACHER_KL,

@@ -339,8 +339,7 @@ def gated_opd_loss(
     name = resolve_backend(backend, student_logits.device,
                            torch.promote_types(student_logits.dtype, teacher_logits.dtype))
     rows = _ops.opd_rows(student_logits, teacher_logits.detach(), tok, sign, beta, lam_pos,
-                         lam_neg, divergence == "reverse_kl", temperature, ignore_index,
-                         return_stats, name)
+                         lam_neg, divergence == "reverse_kl", temperature, ignore_index, name)
     return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
 
 

@@ -44,17 +44,17 @@ def _table_dtype(backend: str, *tensors: Tensor) -> torch.dtype:
 @torch.library.custom_op("sgopd_kernels::opd_rows", mutates_args=())
 def opd_rows(student: Tensor, teacher: Tensor, tokens: Tensor, sign: Optional[Tensor],
              beta: float, lam_pos: float, lam_neg: float, reverse: bool, temperature: float,
-             ignore_index: int, stats: bool, backend: str) -> Tensor:
+             ignore_index: int, backend: str) -> Tensor:
     kw = dict(beta=beta, lam_pos=lam_pos, lam_neg=lam_neg, reverse=reverse,
               temperature=temperature, ignore_index=ignore_index)
     if backend == "torch":
         return _impl(backend).opd_rows(_as_2d(student), _as_2d(teacher), tokens, sign, **kw)
-    return _impl(backend).opd_rows(student, teacher, tokens, sign, stats=stats, **kw)
+    return _impl(backend).opd_rows(student, teacher, tokens, sign, **kw)
 
 
 @opd_rows.register_fake
 def _(student, teacher, tokens, sign, beta, lam_pos, lam_neg, reverse, temperature,
-      ignore_index, stats, backend):
+      ignore_index, backend):
     return student.new_empty((tokens.numel(), C.ROW_K), dtype=_table_dtype(backend, student,
                                                                             teacher))
 
@@ -77,7 +77,7 @@ def _(grad_rows, student, teacher, tokens, rows, reverse, temperature, ignore_in
 
 
 def _opd_setup(ctx, inputs, output):
-    student, teacher, tokens, _sign, _b, _lp, _ln, reverse, temperature, ignore_index, _st, \
+    student, teacher, tokens, _sign, _b, _lp, _ln, reverse, temperature, ignore_index, \
         backend = inputs
     ctx.save_for_backward(student, teacher, tokens, output)
     ctx.args = (reverse, temperature, ignore_index, backend)
@@ -89,7 +89,7 @@ def _opd_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_student = opd_rows_backward(grad[:, C.LOSS].contiguous(), student, teacher, tokens,
                                          rows, *ctx.args)
-    return (grad_student,) + (None,) * 11
+    return (grad_student,) + (None,) * 10
 
 
 opd_rows.register_autograd(_opd_backward, setup_context=_opd_setup)

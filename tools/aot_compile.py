@@ -37,17 +37,17 @@ def _sig(names, types):
 def specializations():
     i = "i32"
     f = "fp32"
-    for dt, gate, rev, stats, strided in itertools.product(
-            ("bf16", "fp32"), (False, True), (False, True), (False, True), (False, True)):
+    for dt, gate, rev, strided in itertools.product(
+            ("bf16", "fp32"), (False, True), (False, True), (False, True)):
         p = DTYPES[dt]
         names = ["S", "T", "TOK", "SIG", "OUT", "V", "s_d1", "s_st0", "s_st1", "s_stv", "t_d1",
                  "t_st0", "t_st1", "t_stv", "scale2", "beta", "lam_pos", "lam_neg",
                  "ignore_index"]
         types = [p, p, "*i64", "*fp32", "*fp32", i, i, "i64", "i64", i, i, "i64", "i64", i,
                  f, f, f, f, "i64"]
-        const = dict(HAS_GATE=gate, REVERSE=rev, STATS=stats, STRIDED_V=strided,
+        const = dict(HAS_GATE=gate, REVERSE=rev, STRIDED_V=strided,
                      BLOCK_V=logits.FWD_BLOCK_V, ROW_K=C.ROW_K)
-        yield (f"opd_fwd {dt} gate={gate} rev={rev} stats={stats} strided={strided}",
+        yield (f"opd_fwd {dt} gate={gate} rev={rev} strided={strided}",
                logits._opd_fwd_kernel, names, types, const, logits.FWD_WARPS)
     for dt, rev, strided in itertools.product(("bf16", "fp32"), (False, True), (False, True)):
         p = DTYPES[dt]

@@ -1,24 +1,32 @@
 """Fused Triton kernels of the gated OPD loss on logits (reverse and forward KL).
 
 Forward, one program per row, one streaming pass over the vocabulary that
-reads every student and teacher logit once and carries, in base-2 units
-(s2 = z_S * log2(e) / tau, t2 likewise):
+reads every student and teacher logit once. Exponentials are base 2: with
+``scale2 = log2(e) / tau`` the scaled logits are ``s = z_S * scale2``, and the
+row carries
 
-- the online (max, sum 2^(s2-m)) of the student and of the teacher,
-- sum 2^(s2-m) (s2-m) and sum 2^(s2-m) (t2-m_t): E_{p_S}[lp_S], E_{p_S}[lp_T],
+- the online (max, sum 2^(s - max)) of the student and of the teacher,
+- sum 2^(s - max) (s - f_s) and sum 2^(s - max) (t - f_t), which give
+  E_{p_S}[lp_S] and E_{p_S}[lp_T] (f: the fixed frame below),
 - for each candidate lambda the row can take (lambda+ and lambda- where the
-  verifier has a verdict, 1 otherwise) the online lse of
-  x = a (t2-m_t) + b (s2-m_s) over the joint support, and for forward KL
-  also sum 2^(x-m_x) (x-m_x) and sum 2^(x-m_x) (s2-m_s).
+  verifier has a verdict, 1 otherwise) the online lse of the bridge value
+  x = a (t - f_t) + b (s - f_s) over the joint support, and for forward KL
+  also sum 2^(x - max x) (x - max x) and sum 2^(x - max x) (s - f_s).
 
-All accumulators are kept relative to the running maxima; when a maximum
-moves, the accumulators are rescaled and shifted in closed form (a candidate's
-x moves by a*dt + b*ds as a whole). After the pass the gathered logits at the
-sampled token give delta, the gate picks the candidate, and the row's loss,
-statistics and backward state go to a small float32 table (see ``_rows``).
-A row whose verifier has a verdict but whose delta is exactly 0 needs the
-lambda = 1 candidate that was not carried: it reads its row a second time
-(a rare case; the loop is empty for every other row).
+Every linear accumulator is centred on a frame fixed before the pass: both
+models' logits at one token the student likes (the sampled token, or the
+student's best in the first block if it rates that higher). It never moves,
+so nothing is shifted when a running max changes, and the values that carry
+the student's probability sit near it, small and exact. Maxima
+are kept in raw logit units and every exponent is ``(raw - ref) * scale2``,
+so the row max contributes exactly 2^0 and the backward recomputes the same
+bits. After the pass the gate picks the candidate, and the row's loss,
+statistics and backward state go to a small float32 table (``_rows``). A row
+whose verifier has a verdict but whose delta is exactly 0 needs the lambda = 1
+candidate that was not carried: it reads its row a second time (a rare case;
+the loop is empty for every other row). So does a row whose student-weighted
+means land more than 16 (base-2 units) from the frame: it reads itself again
+centred on those means.
 
 Backward: a 2-D grid over (row, vocabulary block) that re-reads the logits and
 writes the gradient from the saved row state. The gradient is not stored in
@@ -39,11 +47,11 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _cand_update(x, m, z, acc_x, acc_s, sc, FKL: tl.constexpr):
-    """Fold a block of candidate values x (-inf off support) into (m, z, acc_x, acc_s).
+def _cand_update(x, m, z, acc_x, acc_s, sf, FKL: tl.constexpr):
+    """Fold a block of bridge values x (-inf off the support) into (m, z, acc_x, acc_s).
 
-    z = sum 2^(x-m); acc_x = sum 2^(x-m) (x-m); acc_s = sum 2^(x-m) sc.
-    ``m`` is the running max in the current frame (-inf while empty).
+    z = sum 2^(x-m); acc_x = sum 2^(x-m) (x-m); acc_s = sum 2^(x-m) sf; m is the
+    running max (-inf while empty). The max value enters as exactly 2^0.
     """
     m_new = tl.maximum(m, tl.max(x, 0))
     ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -52,9 +60,15 @@ def _cand_update(x, m, z, acc_x, acc_s, sc, FKL: tl.constexpr):
     e = tl.exp2(x - ref)
     if FKL:
         acc_x = (acc_x + dm * z) * alpha + tl.sum(tl.where(e == 0.0, 0.0, e * (x - ref)), 0)
-        acc_s = acc_s * alpha + tl.sum(tl.where(e == 0.0, 0.0, e * sc), 0)
+        acc_s = acc_s * alpha + tl.sum(tl.where(e == 0.0, 0.0, e * sf), 0)
     z = z * alpha + tl.sum(e, 0)
     return m_new, z, acc_x, acc_s
+
+
+@triton.jit
+def _bridge(tf, sf, a, b, support):
+    """x = a (t - f_t) + b (s - f_s) with a pinned rounding: forward and backward agree bitwise."""
+    return tl.where(support, tl.fma(a, tf, b * sf), float("-inf"))
 
 
 @triton.jit
@@ -66,6 +80,7 @@ def _row_token(TOK, row, V, ignore_index):
 
 @triton.jit
 def _load_row_block(row_ptr, cols, stv, V, STRIDED_V: tl.constexpr):
+    """Raw logits of one block as float32, -inf past the vocabulary."""
     msk = cols < V
     if STRIDED_V:
         ptrs = row_ptr + cols.to(tl.int64) * stv
@@ -75,16 +90,50 @@ def _load_row_block(row_ptr, cols, stv, V, STRIDED_V: tl.constexpr):
 
 
 @triton.jit
+def _fwd_block(raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
+               m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
+               HAS_GATE: tl.constexpr, REVERSE: tl.constexpr):
+    """Fold one block of raw student and teacher logits into the row's running state."""
+    NEG_INF: tl.constexpr = float("-inf")
+    sf = (raw_s - f_s) * scale2
+    tf = (raw_t - f_t) * scale2
+    # student: z_s, acc_ss, acc_st, rescaled when the max moves
+    nm_s = tl.maximum(m_s, tl.max(raw_s, 0))
+    r_s = tl.where(nm_s == NEG_INF, 0.0, nm_s)
+    al_s = tl.exp2(tl.where(m_s == NEG_INF, 0.0, (m_s - r_s) * scale2))
+    e_s = tl.exp2((raw_s - r_s) * scale2)
+    acc_ss = acc_ss * al_s + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * sf), 0)
+    acc_st = tl.where(acc_st == NEG_INF, NEG_INF, acc_st * al_s) \
+        + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * tf), 0)
+    z_s = z_s * al_s + tl.sum(e_s, 0)
+    # teacher: z_t
+    nm_t = tl.maximum(m_t, tl.max(raw_t, 0))
+    r_t = tl.where(nm_t == NEG_INF, 0.0, nm_t)
+    z_t = z_t * tl.exp2(tl.where(m_t == NEG_INF, 0.0, (m_t - r_t) * scale2)) \
+        + tl.sum(tl.exp2((raw_t - r_t) * scale2), 0)
+    # candidate bridges on the joint support
+    support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
+    m0, z0, ax0, as0 = _cand_update(_bridge(tf, sf, a0, b0, support), m0, z0, ax0, as0, sf,
+                                    not REVERSE)
+    if HAS_GATE:
+        m1, z1, ax1, as1 = _cand_update(_bridge(tf, sf, a1, b1, support), m1, z1, ax1, as1,
+                                        sf, not REVERSE)
+    return nm_s, z_s, acc_ss, acc_st, nm_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1
+
+
+@triton.jit
 def _opd_fwd_kernel(
     S, T, TOK, SIG, OUT,
     V,
     s_d1, s_st0, s_st1, s_stv,
     t_d1, t_st0, t_st1, t_stv,
     scale2, beta, lam_pos, lam_neg, ignore_index,
-    HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, STATS: tl.constexpr,
+    HAS_GATE: tl.constexpr, REVERSE: tl.constexpr,
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, ROW_K: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
+    LN2_: tl.constexpr = 0.6931471805599453
+    FRAME_TOL: tl.constexpr = 16.0  # base-2 units, about 11 nats
     row = tl.program_id(0).to(tl.int64)
     s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
     t_row = T + (row // t_d1) * t_st0 + (row % t_d1) * t_st1
@@ -105,84 +154,95 @@ def _opd_fwd_kernel(
     a1 = lam1
     b1 = 1.0 - lam1 + beta
 
-    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)  # a float32 scalar
-    m_s = zero + NEG_INF
-    r_s = zero
-    z_s = zero
-    acc_ss = zero   # sum 2^(s-m_s) (s-m_s)
-    acc_st = zero   # sum 2^(s-m_s) (t-m_t)
-    m_t = zero + NEG_INF
-    r_t = zero
-    z_t = zero
-    m0 = zero + NEG_INF
-    z0 = zero
-    ax0 = zero
-    as0 = zero
-    m1 = zero + NEG_INF
-    z1 = zero
-    ax1 = zero
-    as1 = zero
-
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + offs
-        s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V) * scale2
-        t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V) * scale2
-        # move the frames to the new maxima
-        nm_s = tl.maximum(m_s, tl.max(s, 0))
-        nm_t = tl.maximum(m_t, tl.max(t, 0))
-        nr_s = tl.where(nm_s == NEG_INF, 0.0, nm_s)
-        nr_t = tl.where(nm_t == NEG_INF, 0.0, nm_t)
-        ds = r_s - nr_s
-        dt = r_t - nr_t
-        sc = s - nr_s
-        tc = t - nr_t
-
-        # student: z_s, acc_ss, acc_st
-        dms = tl.where(m_s == NEG_INF, 0.0, m_s - nr_s)
-        al_s = tl.exp2(dms)
-        e_s = tl.exp2(sc)
-        if REVERSE or STATS:
-            acc_ss = (acc_ss + dms * z_s) * al_s + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * sc), 0)
-            acc_st = tl.where(acc_st == NEG_INF, NEG_INF, (acc_st + dt * z_s) * al_s) \
-                + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * tc), 0)
-        z_s = z_s * al_s + tl.sum(e_s, 0)
-        # teacher: z_t
-        dmt = tl.where(m_t == NEG_INF, 0.0, m_t - nr_t)
-        z_t = z_t * tl.exp2(dmt) + tl.sum(tl.exp2(tc), 0)
-
-        # candidates: their values move by a*dt + b*ds with the frames
-        support = (s != NEG_INF) & (t != NEG_INF)
-        m0 = m0 + (a0 * dt + b0 * ds)
-        as0 = as0 + ds * z0
-        x0 = tl.where(support, a0 * tc + b0 * sc, NEG_INF)
-        m0, z0, ax0, as0 = _cand_update(x0, m0, z0, ax0, as0, sc, not REVERSE)
-        if HAS_GATE:
-            m1 = m1 + (a1 * dt + b1 * ds)
-            as1 = as1 + ds * z1
-            x1 = tl.where(support, a1 * tc + b1 * sc, NEG_INF)
-            m1, z1, ax1, as1 = _cand_update(x1, m1, z1, ax1, as1, sc, not REVERSE)
-
-        m_s = nm_s
-        r_s = nr_s
-        m_t = nm_t
-        r_t = nr_t
-
-    lz_s = tl.log2(z_s)
-    lz_t = tl.log2(z_t)
-    mean_s = acc_ss / z_s
-    mean_t = acc_st / z_s
-
-    # the sampled token: delta and the gate
+    # the sampled token's raw logits
     y_safe = tl.where(y_ok, y, 0)
     if STRIDED_V:
-        s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32) * scale2
-        t_y = tl.load(t_row + y_safe * t_stv).to(tl.float32) * scale2
+        s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
+        t_y = tl.load(t_row + y_safe * t_stv).to(tl.float32)
     else:
-        s_y = tl.load(s_row + y_safe).to(tl.float32) * scale2
-        t_y = tl.load(t_row + y_safe).to(tl.float32) * scale2
-    lps_y = s_y - r_s - lz_s
-    lpt_y = t_y - r_t - lz_t
+        s_y = tl.load(s_row + y_safe).to(tl.float32)
+        t_y = tl.load(t_row + y_safe).to(tl.float32)
+
+    # The frame (f_s, f_t) of every linear accumulator: both models' logits at one token the
+    # student likes, the sampled token or the student's best in the first block, whichever
+    # the student rates higher. It is fixed before the pass and never moves after.
+    offs = tl.arange(0, BLOCK_V)
+    raw_s = _load_row_block(s_row, offs, s_stv, n_cols, STRIDED_V)
+    raw_t = _load_row_block(t_row, offs, t_stv, n_cols, STRIDED_V)
+    s_j = tl.max(raw_s, 0)
+    t_j = tl.sum(tl.where(offs == tl.argmax(raw_s, 0), raw_t, 0.0), 0)
+    use_y = s_y >= s_j
+    f_s = tl.where(use_y, s_y, s_j)
+    f_t = tl.where(use_y, t_y, t_j)
+    f_s = tl.where(f_s == NEG_INF, 0.0, f_s)
+    f_t = tl.where(f_t == NEG_INF, 0.0, f_t)
+
+    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)  # a float32 scalar
+    neg = zero + NEG_INF
+    # state: m_s (raw student max), z_s = sum 2^((z_S - m_s) scale2), acc_ss = sum 2^(..) sf,
+    # acc_st = sum 2^(..) tf with sf = (z_S - f_s) scale2, tf = (z_T - f_t) scale2; the
+    # teacher's max and sum; per candidate max, sum and the two forward-KL sums
+    m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
+        raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
+        neg, zero, zero, zero, neg, zero, neg, zero, zero, zero, neg, zero, zero, zero,
+        HAS_GATE, REVERSE)
+    for start in range(BLOCK_V, n_cols, BLOCK_V):
+        cols = start + offs
+        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
+        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
+        m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
+            raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
+            m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
+            HAS_GATE, REVERSE)
+
+    # A frame far from where p_S puts its mass (|E_{p_S}[s - f_s]| or |E_{p_S}[t - f_t]| above
+    # FRAME_TOL, e.g. a masked first block and a sampled token the student masks) would cost
+    # precision: such a rare row reads itself once more, with those means as its frame.
+    # A zero-trip loop for every other row.
+    mean_s = acc_ss / z_s
+    mean_t = acc_st / z_s
+    far_s = tl.abs(mean_s) > FRAME_TOL
+    far_t = (tl.abs(mean_t) > FRAME_TOL) & (mean_t != NEG_INF)
+    far = far_s | far_t
+    f_s = tl.where(far_s, f_s + mean_s / scale2, f_s)
+    f_t = tl.where(far_t, f_t + mean_t / scale2, f_t)
+    m_s = tl.where(far, neg, m_s)
+    z_s = tl.where(far, zero, z_s)
+    acc_ss = tl.where(far, zero, acc_ss)
+    acc_st = tl.where(far, zero, acc_st)
+    m_t = tl.where(far, neg, m_t)
+    z_t = tl.where(far, zero, z_t)
+    m0 = tl.where(far, neg, m0)
+    z0 = tl.where(far, zero, z0)
+    ax0 = tl.where(far, zero, ax0)
+    as0 = tl.where(far, zero, as0)
+    m1 = tl.where(far, neg, m1)
+    z1 = tl.where(far, zero, z1)
+    ax1 = tl.where(far, zero, ax1)
+    as1 = tl.where(far, zero, as1)
+    for start in range(0, tl.where(far, n_cols, 0), BLOCK_V):
+        cols = start + offs
+        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
+        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
+        m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
+            raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
+            m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
+            HAS_GATE, REVERSE)
+
+    r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
+    r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
+    lz_s = tl.log2(z_s)
+    lz_t = tl.log2(z_t)
+    off_s = (f_s - r_s) * scale2 - lz_s  # lp_S = sf + off_s (base 2)
+    off_t = (f_t - r_t) * scale2 - lz_t
+    mean_s = acc_ss / z_s                # E_{p_S}[sf] in the final frame
+    mean_t = acc_st / z_s                # E_{p_S}[tf]
+    elp_s = mean_s + off_s               # E_{p_S}[lp_S], base 2
+    elp_t = mean_t + off_t               # E_{p_S}[lp_T], base 2
+
+    # the sampled token: delta and the gate
+    lps_y = (s_y - r_s) * scale2 - lz_s
+    lpt_y = (t_y - r_t) * scale2 - lz_t
     both_zero = (lps_y == NEG_INF) & (lpt_y == NEG_INF)
     delta2 = tl.where(both_zero, 0.0, lpt_y - lps_y)
     d = (delta2 > 0.0).to(tl.float32) - (delta2 < 0.0).to(tl.float32)
@@ -198,57 +258,52 @@ def _opd_fwd_kernel(
     as_c = tl.where(g < 0.0, as1, as0)
     if HAS_GATE:
         need = (g == 0.0) & (sig != 0.0)
-        m2 = zero + NEG_INF
+        m2 = neg
         z2 = zero
         ax2 = zero
         as2 = zero
-        b2 = beta
         for start in range(0, tl.where(need, n_cols, 0), BLOCK_V):
             cols = start + offs
-            s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V) * scale2
-            t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V) * scale2
-            sc = s - r_s
-            tc = t - r_t
-            x2 = tl.where((s != NEG_INF) & (t != NEG_INF), tc + b2 * sc, NEG_INF)
-            m2, z2, ax2, as2 = _cand_update(x2, m2, z2, ax2, as2, sc, not REVERSE)
+            raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
+            raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
+            sf = (raw_s - f_s) * scale2
+            x2 = _bridge((raw_t - f_t) * scale2, sf, a_c, b_c,
+                         (raw_s != NEG_INF) & (raw_t != NEG_INF))
+            m2, z2, ax2, as2 = _cand_update(x2, m2, z2, ax2, as2, sf, not REVERSE)
         m_c = tl.where(need, m2, m_c)
         z_c = tl.where(need, z2, z_c)
         ax_c = tl.where(need, ax2, ax_c)
         as_c = tl.where(need, as2, as_c)
 
     lz_c = tl.log2(z_c)
-    lse_c = m_c + lz_c
-    if REVERSE:
-        lq = lse_c - a_c * lz_t - b_c * lz_s
-        loss2 = (1.0 - b_c) * (mean_s - lz_s) - a_c * (mean_t - lz_t) + lq
-    else:
-        loss2 = (ax_c / z_c - lz_c) - (as_c / z_c - lz_s)
+    if REVERSE:  # L_q = lse(a lp_T + b lp_S) = lse(x) + a off_t + b off_s
+        lq = m_c + lz_c + a_c * off_t + b_c * off_s
+        loss2 = (1.0 - b_c) * elp_s - a_c * elp_t + lq
+    else:  # E_q[log q] - E_q[lp_S]
+        loss2 = (ax_c / z_c - lz_c) - (as_c / z_c + off_s)
     loss2 = tl.where(z_c == 0.0, float("inf"), loss2)  # empty joint support
     if HAS_GATE:  # a NaN verifier poisons its position: the loss and (through a) the gradient
         a_c = tl.where(sig != sig, float("nan"), a_c)
         loss2 = tl.where(sig != sig, float("nan"), loss2)
-    loss = tl.where(y_ok, loss2 * 0.6931471805599453, float("nan"))
+    loss = tl.where(y_ok, loss2 * LN2_, float("nan"))
 
     out = OUT + row * ROW_K
     tl.store(out + 0, tl.where(valid, loss, 0.0))
-    tl.store(out + 1, tl.where(valid, delta2 * 0.6931471805599453, 0.0))
+    tl.store(out + 1, tl.where(valid, delta2 * LN2_, 0.0))
     tl.store(out + 2, tl.where(valid, g, 0.0))
-    if STATS:
-        kl2 = (mean_s - lz_s) - (mean_t - lz_t)
-        tl.store(out + 3, tl.where(valid, kl2 * 0.6931471805599453, 0.0))
-        tl.store(out + 4, tl.where(valid, (lz_s - mean_s) * 0.6931471805599453, 0.0))
-    else:
-        tl.store(out + 3, 0.0)
-        tl.store(out + 4, 0.0)
+    tl.store(out + 3, tl.where(valid, (elp_s - elp_t) * LN2_, 0.0))
+    tl.store(out + 4, tl.where(valid, -elp_s * LN2_, 0.0))
+    # backward state (column numbers of _rows.py)
     tl.store(out + 5, tl.where(valid, r_s, 0.0))
     tl.store(out + 6, tl.where(valid, lz_s, 0.0))
-    tl.store(out + 7, tl.where(valid, mean_s, 0.0))
-    tl.store(out + 8, tl.where(valid, r_t, 0.0))
-    tl.store(out + 9, tl.where(valid, lz_t, 0.0))
+    tl.store(out + 7, tl.where(valid, f_s, 0.0))
+    tl.store(out + 8, tl.where(valid, f_t, 0.0))
+    tl.store(out + 9, tl.where(valid, mean_s, 0.0))
     tl.store(out + 10, tl.where(valid, mean_t, 0.0))
     tl.store(out + 11, tl.where(valid, a_c, 0.0))
     tl.store(out + 12, tl.where(valid, b_c, 0.0))
-    tl.store(out + 13, tl.where(valid, lse_c, 0.0))
+    tl.store(out + 13, tl.where(valid, m_c, 0.0))
+    tl.store(out + 14, tl.where(valid, lz_c, 0.0))
 
 
 @triton.jit
@@ -269,26 +324,28 @@ def _opd_bwd_kernel(
     st = ROWS + row * ROW_K
     r_s = tl.load(st + 5)
     lz_s = tl.load(st + 6)
-    mean_s = tl.load(st + 7)
-    r_t = tl.load(st + 8)
+    f_s = tl.load(st + 7)
+    f_t = tl.load(st + 8)
+    mean_s = tl.load(st + 9)
     mean_t = tl.load(st + 10)
     a = tl.load(st + 11)
     b = tl.load(st + 12)
-    lse_c = tl.load(st + 13)
+    m_c = tl.load(st + 13)
+    lz_c = tl.load(st + 14)
 
     s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
     t_row = T + (row // t_d1) * t_st0 + (row % t_d1) * t_st1
-    s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V) * scale2
-    t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V) * scale2
-    sc = s - r_s
-    tc = t - r_t
-    p = tl.exp2(sc - lz_s)
-    if REVERSE:
-        w = (1.0 - b) * (sc - mean_s) - a * (tc - mean_t)
+    raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
+    raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
+    sf = (raw_s - f_s) * scale2
+    tf = (raw_t - f_t) * scale2
+    p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
+    if REVERSE:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
+        w = (1.0 - b) * (sf - mean_s) - a * (tf - mean_t)
         gv = tl.where(p == 0.0, 0.0, p * w) * (0.6931471805599453 * inv_temp)
-    else:
-        support = (s != NEG_INF) & (t != NEG_INF)
-        q = tl.where(support, tl.exp2(a * tc + b * sc - lse_c), 0.0)
+    else:  # p - q; x has the forward's bits, so x - m_c is exact at the max
+        support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
+        q = tl.exp2((_bridge(tf, sf, a, b, support) - m_c) - lz_c)
         gv = (p - q) * inv_temp
     gv = tl.where(valid, tl.where(y_ok, gv * gr, float("nan")), 0.0)
     tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
@@ -312,7 +369,7 @@ def _check_rows(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse, temperature,
-             ignore_index, stats=True, block_v=None):
+             ignore_index, block_v=None):
     """Forward: per-row table (N, ROW_K) for logits (..., V) and (..., V_T) of any strides."""
     _check_rows(student, teacher)
     vocab = student.shape[-1]
@@ -328,7 +385,7 @@ def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
         ls.tensor, lt.tensor, tokens, sig, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / temperature, float(beta), float(lam_pos), float(lam_neg), int(ignore_index),
-        HAS_GATE=sign is not None, REVERSE=bool(reverse), STATS=bool(stats),
+        HAS_GATE=sign is not None, REVERSE=bool(reverse),
         STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block, ROW_K=C.ROW_K,
         num_warps=FWD_WARPS,
     )

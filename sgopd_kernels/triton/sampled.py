@@ -1,7 +1,8 @@
 """Triton kernels of the sampled-token estimator (teacher gives only lp_T(y)).
 
 Forward: one pass per row for the student's online (max, sum-exp) and
-sum 2^(s2-m) (s2-m) (the entropy statistic), plus the gathered s[y].
+sum 2^(s-m) (s-m) (the entropy statistic), plus the gathered s[y]; maxima in
+raw logit units, exponents ``(raw - ref) * log2(e) / tau`` as in logits.py.
 Backward: a 2-D grid writing -(A / tau) (onehot(y) - p_S) times the row's
 incoming gradient.
 """
@@ -33,17 +34,17 @@ def _sampled_fwd_kernel(
     n_cols = tl.where(valid, V, 0)
 
     zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)
-    m_s = zero + NEG_INF
-    z_s = zero
-    acc_ss = zero
+    m_s = zero + NEG_INF  # running max of the raw logits
+    z_s = zero            # sum 2^((z - m_s) scale2)
+    acc_ss = zero         # sum 2^((z - m_s) scale2) (z - m_s) scale2
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
-        s = _load_row_block(s_row, start + offs, s_stv, V, STRIDED_V) * scale2
-        nm_s = tl.maximum(m_s, tl.max(s, 0))
-        nr_s = tl.where(nm_s == NEG_INF, 0.0, nm_s)
-        dms = tl.where(m_s == NEG_INF, 0.0, m_s - nr_s)
+        raw = _load_row_block(s_row, start + offs, s_stv, V, STRIDED_V)
+        nm_s = tl.maximum(m_s, tl.max(raw, 0))
+        r_s = tl.where(nm_s == NEG_INF, 0.0, nm_s)
+        dms = tl.where(m_s == NEG_INF, 0.0, (m_s - r_s) * scale2)
         al_s = tl.exp2(dms)
-        sc = s - nr_s
+        sc = (raw - r_s) * scale2
         e_s = tl.exp2(sc)
         acc_ss = (acc_ss + dms * z_s) * al_s + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * sc), 0)
         z_s = z_s * al_s + tl.sum(e_s, 0)
@@ -53,10 +54,10 @@ def _sampled_fwd_kernel(
 
     y_safe = tl.where(y_ok, y, 0)
     if STRIDED_V:
-        s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32) * scale2
+        s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
     else:
-        s_y = tl.load(s_row + y_safe).to(tl.float32) * scale2
-    lps_y = (s_y - r_s - lz_s) * LN2
+        s_y = tl.load(s_row + y_safe).to(tl.float32)
+    lps_y = ((s_y - r_s) * scale2 - lz_s) * LN2
     lpt_y = tl.load(TLP + row).to(tl.float32)
     both_zero = (lps_y == NEG_INF) & (lpt_y == NEG_INF)
     delta = tl.where(both_zero, 0.0, lpt_y - lps_y)
@@ -97,9 +98,9 @@ def _sampled_bwd_kernel(
     adv = tl.load(st + 5)
     r_s = tl.load(st + 6)
     lz_s = tl.load(st + 7)
-    s = _load_row_block(S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1, cols, s_stv, V,
-                        STRIDED_V) * scale2
-    p = tl.exp2(s - r_s - lz_s)
+    raw = _load_row_block(S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1, cols, s_stv, V,
+                          STRIDED_V)
+    p = tl.exp2((raw - r_s) * scale2 - lz_s)
     onehot = (cols.to(tl.int64) == y).to(tl.float32)
     gv = -(adv * inv_temp) * (onehot - p) * gr
     gv = tl.where(valid, tl.where(y_ok, gv, float("nan")), 0.0)
