@@ -122,6 +122,24 @@ def _fwd_block(raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
 
 
 @triton.jit
+def _fwd_range(s_row, t_row, lo, hi, V, s_stv, t_stv, f_s, f_t, scale2, a0, b0, a1, b1,
+               m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
+               HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, STRIDED_V: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """Fold the blocks starting at lo, lo + BLOCK_V, ... below hi into the row's state."""
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(lo, hi, BLOCK_V):
+        cols = start + offs
+        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
+        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
+        m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
+            raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
+            m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
+            HAS_GATE, REVERSE)
+    return m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1
+
+
+@triton.jit
 def _opd_fwd_kernel(
     S, T, TOK, SIG, OUT,
     V,
@@ -186,14 +204,10 @@ def _opd_fwd_kernel(
         raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
         neg, zero, zero, zero, neg, zero, neg, zero, zero, zero, neg, zero, zero, zero,
         HAS_GATE, REVERSE)
-    for start in range(BLOCK_V, n_cols, BLOCK_V):
-        cols = start + offs
-        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
-        m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
-            raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
-            m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-            HAS_GATE, REVERSE)
+    m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_range(
+        s_row, t_row, BLOCK_V, n_cols, V, s_stv, t_stv, f_s, f_t, scale2, a0, b0, a1, b1,
+        m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
+        HAS_GATE, REVERSE, STRIDED_V, BLOCK_V)
 
     # A frame far from where p_S puts its mass (|E_{p_S}[s - f_s]| or |E_{p_S}[t - f_t]| above
     # FRAME_TOL, e.g. a masked first block and a sampled token the student masks) would cost
@@ -220,14 +234,10 @@ def _opd_fwd_kernel(
     z1 = tl.where(far, zero, z1)
     ax1 = tl.where(far, zero, ax1)
     as1 = tl.where(far, zero, as1)
-    for start in range(0, tl.where(far, n_cols, 0), BLOCK_V):
-        cols = start + offs
-        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
-        m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
-            raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
-            m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-            HAS_GATE, REVERSE)
+    m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_range(
+        s_row, t_row, 0, tl.where(far, n_cols, 0), V, s_stv, t_stv, f_s, f_t, scale2,
+        a0, b0, a1, b1, m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
+        HAS_GATE, REVERSE, STRIDED_V, BLOCK_V)
 
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
     r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
