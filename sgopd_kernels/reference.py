@@ -138,9 +138,9 @@ def bridge_terms(
     )
 
 
-def _table(student, others, tokens, sign, vocab, row_k, columns, terms, **kw):
+def _table(student, others, tokens, sign, row_k, columns, terms, **kw):
     """Fill the per-row table chunk by chunk: ``terms`` maps a chunk to named row values."""
-    n = student.shape[0]
+    n, vocab = student.shape
     check_tokens(tokens, vocab, ignore_index=kw["ignore_index"])
     cdt = _compute_dtype(student, *others)
     out = torch.zeros(n, row_k, dtype=cdt, device=student.device)
@@ -156,7 +156,7 @@ def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
              temperature, ignore_index) -> torch.Tensor:
     """Per-row table (N, C.ROW_K) for logits ``student`` (N, V), ``teacher`` (N, >=V)."""
     vocab = student.shape[1]
-    return _table(student, (teacher[:, :vocab],), tokens, sign, vocab, C.ROW_K,
+    return _table(student, (teacher[:, :vocab],), tokens, sign, C.ROW_K,
                   C.TORCH_COLUMNS, bridge_terms, beta=beta, lam_pos=lam_pos, lam_neg=lam_neg,
                   reverse=reverse, temperature=temperature, ignore_index=ignore_index)
 
@@ -229,8 +229,8 @@ def sampled_terms(s_logits, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg,
 def sampled_rows(student, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg, temperature,
                  ignore_index) -> torch.Tensor:
     """Per-row table (N, C.SAMPLED_ROW_K) of the sampled estimator."""
-    return _table(student, (teacher_logprobs,), tokens, sign, student.shape[1],
-                  C.SAMPLED_ROW_K, C.SAMPLED_TORCH_COLUMNS, sampled_terms, lam_pos=lam_pos,
+    return _table(student, (teacher_logprobs,), tokens, sign, C.SAMPLED_ROW_K,
+                  C.SAMPLED_TORCH_COLUMNS, sampled_terms, lam_pos=lam_pos,
                   lam_neg=lam_neg, temperature=temperature, ignore_index=ignore_index)
 
 

@@ -43,7 +43,6 @@ from .. import _rows as C
 from ._layout import row_layout
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -173,13 +172,9 @@ def _opd_fwd_kernel(
     b1 = 1.0 - lam1 + beta
 
     # the sampled token's raw logits
-    y_safe = tl.where(y_ok, y, 0)
-    if STRIDED_V:
-        s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
-        t_y = tl.load(t_row + y_safe * t_stv).to(tl.float32)
-    else:
-        s_y = tl.load(s_row + y_safe).to(tl.float32)
-        t_y = tl.load(t_row + y_safe).to(tl.float32)
+    y_safe = tl.where(y_ok, y, 0)  # never read out of bounds (the loss is NaN then)
+    s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
+    t_y = tl.load(t_row + y_safe * t_stv).to(tl.float32)
 
     # The frame (f_s, f_t) of every linear accumulator: both models' logits at one token the
     # student likes, the sampled token or the student's best in the first block, whichever

@@ -52,11 +52,8 @@ def _sampled_fwd_kernel(
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
     lz_s = tl.log2(z_s)
 
-    y_safe = tl.where(y_ok, y, 0)
-    if STRIDED_V:
-        s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
-    else:
-        s_y = tl.load(s_row + y_safe).to(tl.float32)
+    y_safe = tl.where(y_ok, y, 0)  # never read out of bounds (the loss is NaN then)
+    s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
     lps_y = ((s_y - r_s) * scale2 - lz_s) * LN2
     lpt_y = tl.load(TLP + row).to(tl.float32)
     both_zero = (lps_y == NEG_INF) & (lpt_y == NEG_INF)
