@@ -43,10 +43,11 @@ FULL_N, FULL_V = (1024, 4096, 8192, 16384), (32000, 128256, 151936)
 QUICK_N, QUICK_V = (8192,), (32000, 151936)
 CPU_N, CPU_V = (64,), (1000, 4000)
 LINEAR_N, LINEAR_V = 8192, 151936
+GPU_H, CPU_H = 4096, 256
 IGNORE = -100
 BETA, LAM_POS, LAM_NEG = 0.1, 1.8, 1.0  # logits-gated; the gate of `sampled` uses the lambdas too
 TOLERANCE = {"bf16": 1e-2, "fp32": 1e-4}
-CHECKED = SGOPD + ("torch-compile",)  # losses compared with torch-eager before timing
+CHECKED = SGOPD + ("torch-compile", "liger", "trl")  # losses compared with eager before timing
 CPU_NOTE = "NOTE: no GPU here: these are CPU timings, and CPU timings say nothing about GPU speed."
 
 
@@ -71,7 +72,8 @@ def parse_args(argv=None):
                "V in 1000,4000.")
     p.add_argument("--N", type=_list(int), help="rows (tokens), comma-separated")
     p.add_argument("--V", type=_list(int), help="vocabulary sizes, comma-separated")
-    p.add_argument("--H", type=int, default=4096, help="hidden size of linear-rkl (default 4096)")
+    p.add_argument("--H", type=int,
+                   help=f"hidden size of linear-rkl (default {GPU_H} on a GPU, {CPU_H} on a CPU)")
     p.add_argument("--dtype", type=_list(str, DTYPES), help="bf16,fp32")
     p.add_argument("--cases", type=_list(str, CASES), help=",".join(CASES))
     p.add_argument("--providers", type=_list(str, PROVIDERS), default=PROVIDERS,
@@ -173,6 +175,12 @@ def eager_linear(hs, ws, ht, wt):
 @torch.no_grad()
 def reference_loss(inp, case, chunk_elements=1 << 26):
     """The eager loss in row chunks (bounded memory), the oracle of the correctness guard."""
+    if case == "linear-rkl":
+        n, vocab = inp.hs.shape[0], inp.ws.shape[0]
+        step = max(1, chunk_elements // vocab)
+        total = sum(float(eager_linear(inp.hs[a:a + step], inp.ws, inp.ht[a:a + step], inp.wt))
+                    * min(step, n - a) for a in range(0, n, step))
+        return total / max(1, n)
     n, vocab = inp.s.shape
     step = max(1, chunk_elements // vocab)
     total = 0.0
@@ -190,7 +198,7 @@ def reference_loss(inp, case, chunk_elements=1 << 26):
 def make_inputs(ctx, case, n, vocab, dtype):
     dev, g = ctx.device, torch.Generator(device=ctx.device).manual_seed(ctx.args.seed)
     if case == "linear-rkl":
-        h = ctx.args.H
+        h = ctx.h
         scale = 3.0 / math.sqrt(h)  # logits of std ~3
         return SimpleNamespace(
             hs=torch.randn(n, h, device=dev, dtype=dtype, generator=g).requires_grad_(),
@@ -265,8 +273,8 @@ def torch_provider(ctx, case, inp, compiled):
 def liger_provider(ctx, case, inp):
     if case in ("logits-gated", "sampled"):
         raise Skip("Liger-Kernel has no sign-gated bridge or sampled-token OPD loss")
-    if not ctx.on_gpu:
-        raise Skip("Liger-Kernel's Triton kernels need CUDA tensors")
+    if not ctx.on_gpu and not ctx.args.interpret:
+        raise Skip("Liger-Kernel's Triton kernels need CUDA tensors (or --interpret on a CPU)")
     try:
         if case == "logits-rkl":  # generalized JSD, beta=1: KL(student || teacher), on log-probs
             from liger_kernel.transformers.jsd import LigerJSD
@@ -292,9 +300,7 @@ def trl_provider(ctx, case, inp):
     if case != "linear-rkl":
         raise Skip("TRL's ChunkedDivergenceFunction takes hidden states and LM heads: "
                    "see linear-rkl")
-    if not ctx.on_gpu:
-        raise Skip("TRL's chunked divergence runs Triton kernels on CUDA tensors")
-    try:
+    try:  # on CUDA it runs Triton kernels; on a CPU its torch fallback
         from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
     except Exception as e:
         raise Skip(f"trl.kernels.chunked_divergence is not importable ({type(e).__name__}: {e})") \
@@ -412,7 +418,7 @@ def speed_of_light(ctx, case, inp, n, vocab, elt):
 def needed_bytes(ctx, case, n, vocab, elt):
     """Inputs and gradients of one combo (a lower bound on what it needs)."""
     if case == "linear-rkl":
-        h = ctx.args.H
+        h = ctx.h
         return elt * (3 * (n * h + vocab * h) + 2 * n * vocab)  # + grads + GEMM-floor outputs
     teacher = 0 if case == "sampled" else n * (vocab + 128 * ctx.args.teacher_pad)
     return elt * (2 * n * vocab + teacher)
@@ -457,7 +463,7 @@ def measure(ctx, prov, forward, grads, ref, dtype_name):
 def run_shape(ctx, case, n, vocab, dtype_name, providers):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     elt = torch.finfo(dtype).bits // 8
-    h = ctx.args.H if case == "linear-rkl" else None
+    h = ctx.h if case == "linear-rkl" else None
     if ctx.on_gpu:
         need, avail = needed_bytes(ctx, case, n, vocab, elt), torch.cuda.mem_get_info()[0]
         if need > 0.9 * avail:
@@ -469,7 +475,7 @@ def run_shape(ctx, case, n, vocab, dtype_name, providers):
         torch._dynamo.reset()  # a fresh torch.compile per shape: no silent fall-back to eager
     try:
         inp = make_inputs(ctx, case, n, vocab, dtype)
-        ref = None if case == "linear-rkl" else reference_loss(inp, case)
+        ref = reference_loss(inp, case)
     except torch.cuda.OutOfMemoryError:
         inp = None
     if inp is None:
@@ -577,7 +583,8 @@ def main(args):
     meta = dict(gpu=gpu, commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton_version())
-    ctx = SimpleNamespace(args=args, on_gpu=on_gpu, device=device, meta=meta, told=set())
+    ctx = SimpleNamespace(args=args, on_gpu=on_gpu, device=device, meta=meta, told=set(),
+                          h=args.H or (GPU_H if on_gpu else CPU_H))
     (ns, vs), dts, cases = (FULL_N, FULL_V) if on_gpu else (CPU_N, CPU_V), DTYPES, CASES
     if not on_gpu:
         print(CPU_NOTE + (" (--quick is a GPU preset)" if args.quick else ""), flush=True)
@@ -595,14 +602,13 @@ def main(args):
               for n in ns for v in vs for d in dts]
     if "linear-rkl" in cases:
         print("linear-rkl: the library's fused-linear path is not implemented yet, so only the "
-              "competitors and the GEMM floor run there" + ("" if on_gpu else "; they need a GPU: "
-                                                                 "skipped"), flush=True)
-        if on_gpu:
-            combos += [("linear-rkl", n, v, d) for n in (args.N or (LINEAR_N,))
-                       for v in (args.V or (LINEAR_V,)) for d in dts]
+              "competitors and the GEMM floor run there", flush=True)
+        lin_n, lin_v = ((LINEAR_N,), (LINEAR_V,)) if on_gpu else (ns, vs)
+        combos += [("linear-rkl", n, v, d) for n in (args.N or lin_n)
+                   for v in (args.V or lin_v) for d in dts]
     records = []
     for i, (case, n, vocab, dt) in enumerate(combos, 1):
-        h = f" H={args.H}" if case == "linear-rkl" else ""
+        h = f" H={ctx.h}" if case == "linear-rkl" else ""
         print(f"[{i}/{len(combos)}] {case} N={n} V={vocab}{h} {dt}", flush=True)
         new = run_shape(ctx, case, n, vocab, dt, args.providers)
         records += new
