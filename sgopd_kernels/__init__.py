@@ -1,12 +1,14 @@
 """sgopd_kernels: fused loss kernels for on-policy distillation (Veto bridge, SG-OPD gate)."""
 
 from .api import GatedOPDLoss, OPDStats, gated_opd_loss, resolve_backend, sampled_opd_loss
+from .linear import fused_linear_gated_opd_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GatedOPDLoss",
     "OPDStats",
+    "fused_linear_gated_opd_loss",
     "gated_opd_loss",
     "resolve_backend",
     "sampled_opd_loss",

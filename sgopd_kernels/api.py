@@ -240,35 +240,43 @@ def _common(student_logits, tokens, verifier, weights, extrapolation, interpolat
     return lead, tok, sign, w, lam_pos, lam_neg, temperature, int(ignore_index)
 
 
-def _reduce(rows: Tensor, tok: Tensor, w: Optional[Tensor], lead, ignore_index: int,
-            reduction: str, return_stats: bool):
-    """Weights and reduction in the table's dtype; the loss is returned in float32."""
+def _reduce_loss(rows: Tensor, tok: Tensor, w: Optional[Tensor], lead, ignore_index: int,
+                 reduction: str) -> Tensor:
+    """The loss from the table's loss column, in the table's dtype (float32 or float64)."""
     valid = tok != ignore_index
     loss_rows = rows[:, C.LOSS]
     if w is not None:
         loss_rows = torch.where(valid, loss_rows * w.to(rows.dtype), torch.zeros_like(loss_rows))
-    count = valid.sum().clamp(min=1).to(rows.dtype)
     if reduction == "none":
-        loss = loss_rows.reshape(lead)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / count
-    loss = loss.to(torch.float32)
-    if not return_stats:
-        return loss
+        return loss_rows.reshape(lead)
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / valid.sum().clamp(min=1).to(rows.dtype)
+
+
+def _stats(rows: Tensor, tok: Tensor, ignore_index: int) -> OPDStats:
+    """Means over the unmasked positions of the table's statistics columns (float32)."""
+    valid = tok != ignore_index
     rows = rows.detach().to(torch.float32)
-    count = count.to(torch.float32)
+    count = valid.sum().clamp(min=1).to(torch.float32)
     gate = rows[:, C.GATE]
     v = valid.to(torch.float32)
-    stats = OPDStats(
+    return OPDStats(
         consistent_frac=((gate > 0).to(torch.float32) * v).sum() / count,
         conflict_frac=((gate < 0).to(torch.float32) * v).sum() / count,
         mean_delta=rows[:, C.DELTA].sum() / count,
         teacher_kl=rows[:, C.TEACHER_KL].sum() / count,
         student_entropy=rows[:, C.ENTROPY].sum() / count,
     )
-    return loss, stats
+
+
+def _reduce(rows: Tensor, tok: Tensor, w: Optional[Tensor], lead, ignore_index: int,
+            reduction: str, return_stats: bool):
+    """Weights and reduction in the table's dtype; the loss is returned in float32."""
+    loss = _reduce_loss(rows, tok, w, lead, ignore_index, reduction).to(torch.float32)
+    if not return_stats:
+        return loss
+    return loss, _stats(rows, tok, ignore_index)
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def _inputs(shape=(2, 3), vocab=11, vocab_t=None, dtype=torch.float32, seed=0):
 
 def test_public_names():
     assert set(sk.__all__) >= {"gated_opd_loss", "sampled_opd_loss", "GatedOPDLoss", "OPDStats",
-                               "resolve_backend", "__version__"}
+                               "resolve_backend", "fused_linear_gated_opd_loss", "__version__"}
     assert sk.OPDStats._fields == ("consistent_frac", "conflict_frac", "mean_delta",
                                    "teacher_kl", "student_entropy")
 

@@ -25,5 +25,6 @@ def test_bench_cpu_smoke_with_interpreted_kernels():
     assert "CPU timings say nothing about GPU speed" in out
     assert "mismatch" not in out and "WARNING" not in out
     rows = [line for line in out.splitlines() if line.rstrip().endswith(" ok")]
-    # 4 cases x 2 dtypes x 2 library backends, each checked against eager PyTorch
-    assert len(rows) == 16, out
+    # 5 cases (4 logits, linear-rkl) x 2 dtypes x 2 library backends, each checked against
+    # eager PyTorch
+    assert len(rows) == 20, out

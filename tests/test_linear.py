@@ -1,0 +1,205 @@
+"""fused_linear_gated_opd_loss equals gated_opd_loss on the materialized logits (SPEC §6)."""
+
+import itertools
+
+import pytest
+import torch
+
+import sgopd_kernels as sk
+from sgopd_kernels import linear
+from conftest import TRITON_DEVICE, needs_triton
+
+B, T, H, H_T, V, V_T = 2, 5, 16, 12, 37, 41
+
+
+def _inputs(dtype=torch.float64, bias=True, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+    hs, ws = r(B, T, H).requires_grad_(), r(V, H, scale=0.7).requires_grad_()
+    bs = r(V).requires_grad_() if bias else None
+    ht, wt, bt = r(B, T, H_T), r(V_T, H_T, scale=0.7), (r(V_T) if bias else None)
+    tok = torch.randint(0, V, (B, T), generator=gen).to(device)
+    tok[0, 1] = -100
+    return hs, ws, bs, ht, wt, bt, tok
+
+
+def _materialized(hs, ws, bs, ht, wt, bt, tok, ver, **kw):
+    zs = hs @ ws.T + (0 if bs is None else bs)
+    zt = ht @ wt.T + (0 if bt is None else bt)
+    return sk.gated_opd_loss(zs, zt, tok, ver, **kw)
+
+
+def _leaves(hs, ws, bs):
+    return [x for x in (hs, ws, bs) if x is not None]
+
+
+OPTIONS = [
+    dict(),
+    dict(beta=0.3, divergence="forward_kl", temperature=0.7),
+    dict(beta=0.1, verifier=True, extrapolation=2.0, interpolation=0.5),
+    dict(divergence="forward_kl", verifier=True, weights=True),
+]
+
+
+@pytest.mark.parametrize("opts,reduction,chunk,bias", [
+    (o, r, c, b) for (o, r), c, b in itertools.product(
+        itertools.product(OPTIONS, ("mean", "sum", "none")), (None, 1, 3, 100), (True, False))
+    if (c, b) in ((None, True), (3, True), (1, False), (100, False))])
+def test_matches_materialized_float64(opts, reduction, chunk, bias):
+    hs, ws, bs, ht, wt, bt, tok = _inputs(bias=bias)
+    opts = dict(opts)
+    ver = torch.tensor([True, False]) if opts.pop("verifier", False) else None
+    if opts.pop("weights", False):
+        opts["weights"] = torch.rand(B, T, dtype=torch.float64) + 0.5
+    kw = dict(opts, reduction=reduction, return_stats=True, backend="torch")
+    loss, stats = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, ver, student_bias=bs,
+                                                 teacher_bias=bt, chunk_size=chunk, **kw)
+    ref, ref_stats = _materialized(hs, ws, bs, ht, wt, bt, tok, ver, **kw)
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    for a, b in zip(stats, ref_stats):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    gout = torch.randn(loss.shape, dtype=torch.float32)
+    leaves = _leaves(hs, ws, bs)
+    got = torch.autograd.grad(loss, leaves, gout)
+    want = torch.autograd.grad(ref, leaves, gout)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction,divergence", [("mean", "reverse_kl"), ("none", "forward_kl")])
+def test_triton_matches_torch_backend(reduction, divergence):
+    hs, ws, bs, ht, wt, bt, tok = _inputs(dtype=torch.float32, device=TRITON_DEVICE)
+    ver = torch.tensor([True, False], device=TRITON_DEVICE)
+    kw = dict(beta=0.2, divergence=divergence, reduction=reduction, chunk_size=4)
+    out = {}
+    for backend in ("triton", "torch"):
+        loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, ver, student_bias=bs,
+                                              teacher_bias=bt, backend=backend, **kw)
+        gout = torch.linspace(0.5, 1.5, loss.numel(), device=TRITON_DEVICE).reshape(loss.shape)
+        out[backend] = (loss,) + torch.autograd.grad(loss, (hs, ws, bs), gout)
+    for a, b in zip(out["triton"], out["torch"]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_bfloat16_close_to_materialized():
+    hs, ws, bs, ht, wt, bt, tok = _inputs(dtype=torch.bfloat16)
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs, teacher_bias=bt,
+                                          chunk_size=3, backend="torch")
+    ref = _materialized(hs, ws, bs, ht, wt, bt, tok, None, backend="torch")
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
+    got = torch.autograd.grad(loss, (hs, ws, bs))
+    want = torch.autograd.grad(ref, (hs, ws, bs))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_chunks_bound_the_logits(monkeypatch):
+    seen = []
+    real = linear._logits
+
+    def spy(h, w, b):
+        seen.append(h.shape[0])
+        return real(h, w, b)
+    monkeypatch.setattr(linear, "_logits", spy)
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    for reduction in ("mean", "none"):  # gradients in forward / recomputed in backward
+        seen.clear()
+        loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, chunk_size=4,
+                                              reduction=reduction, backend="torch")
+        loss.sum().backward()
+        n_products = 2 * 3 * (2 if reduction == "none" else 1)  # 10 rows in chunks of 4
+        assert len(seen) == n_products and max(seen) == 4
+
+
+def test_partial_and_no_gradients():
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    ws.requires_grad_(False)
+    bs.requires_grad_(False)
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs, backend="torch")
+    (gh,) = torch.autograd.grad(loss, (hs,))
+    ref = _materialized(hs, ws, bs, ht, wt, None, tok, None, backend="torch")
+    torch.testing.assert_close(gh, torch.autograd.grad(ref, (hs,))[0], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        plain = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs,
+                                               backend="torch")
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, loss.detach(), rtol=0, atol=0)
+
+
+def test_second_backward_through_stored_gradients_raises():
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_all_rows_masked_and_no_rows():
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    tok = torch.full_like(tok, -100)
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, backend="torch")
+    assert loss.item() == 0.0
+    for g in torch.autograd.grad(loss, (hs, ws)):
+        assert torch.count_nonzero(g) == 0
+    empty = sk.fused_linear_gated_opd_loss(hs[:, :0], ws, ht[:, :0], wt, tok[:, :0],
+                                           backend="torch")
+    assert empty.item() == 0.0
+
+
+BAD = [
+    (dict(student_hidden=torch.zeros(B, T, H, dtype=torch.float32)), TypeError, "student_weight"),
+    (dict(student_weight=torch.zeros(V, H + 1, dtype=torch.float64)), ValueError,
+     "student_weight"),
+    (dict(student_weight=torch.zeros(V, H, dtype=torch.int64)), TypeError, "student_weight"),
+    (dict(student_bias=torch.zeros(V + 1, dtype=torch.float64)), ValueError, "student_bias"),
+    (dict(student_bias=torch.zeros(V, dtype=torch.float32)), TypeError, "student_bias"),
+    (dict(teacher_hidden=torch.zeros(B, T + 1, H_T, dtype=torch.float64)), ValueError,
+     "teacher_hidden"),
+    (dict(teacher_weight=torch.zeros(V - 1, H_T, dtype=torch.float64)), ValueError, "V_T"),
+    (dict(tokens=torch.zeros(B, T + 1, dtype=torch.long)), ValueError, "tokens"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(chunk_size=2.0), ValueError, "chunk_size"),
+    (dict(divergence="js"), ValueError, "divergence"),
+    (dict(beta=-1.0), ValueError, "beta"),
+    (dict(process_group=object()), NotImplementedError, "process_group"),
+]
+
+
+@pytest.mark.parametrize("change,exc,text", BAD)
+def test_validation(change, exc, text):
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    args = dict(student_hidden=hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt,
+                tokens=tok)
+    args.update(change)
+    with pytest.raises(exc, match=text):
+        sk.fused_linear_gated_opd_loss(**args, backend="torch")
+
+
+def test_out_of_range_token_raises_on_torch_backend():
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    tok[1, 2] = V
+    with pytest.raises(ValueError, match="tokens"):
+        sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, backend="torch")
+
+
+def test_torch_compile_fullgraph():
+    hs, ws, bs, ht, wt, bt, tok = _inputs(dtype=torch.float32)
+
+    def f(hs, ws, ht, wt, tok):
+        return sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, beta=0.1, chunk_size=4,
+                                              backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(hs, ws, ht, wt, tok)
+    ref = f(hs, ws, ht, wt, tok)
+    torch.testing.assert_close(loss, ref)
+    got = torch.autograd.grad(loss, (hs, ws))
+    want = torch.autograd.grad(ref, (hs, ws))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
