@@ -80,8 +80,11 @@ class _FusedLinear(torch.autograd.Function):
                 dz = _ops.opd_rows_backward(coef[sl].contiguous(), zs, zt,
                                             tok[sl], rows, reverse, temperature, ignore_index,
                                             backend)
+                del zs, zt
                 _accumulate(dz, hs[sl], ws, sl, gh, gw, gb)
-            del zs, zt
+                del dz  # before the next chunk's logits exist
+            else:
+                del zs, zt
         rows = torch.cat(tables) if tables else \
             hs.new_zeros((0, C.ROW_K), dtype=tdt)
         loss = _api._reduce_loss(rows, tok, w, lead, ignore_index, reduction)
@@ -154,6 +157,7 @@ def _recompute_grads(ctx, grad_loss, need):
                                     reverse, temperature, ignore_index, backend)
         del zs, zt
         _accumulate(dz, hs[sl], ws, sl, gh, gw, gb)
+        del dz
     if gb is not None:
         gb = gb.to(bs.dtype)
     return [gh, gw, gb]
