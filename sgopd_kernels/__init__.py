@@ -2,6 +2,7 @@
 
 from .api import GatedOPDLoss, OPDStats, gated_opd_loss, resolve_backend, sampled_opd_loss
 from .linear import fused_linear_gated_opd_loss
+from .schedule import select_teacher_rollouts, teacher_fraction
 
 __version__ = "0.1.0"
 
@@ -12,5 +13,7 @@ __all__ = [
     "gated_opd_loss",
     "resolve_backend",
     "sampled_opd_loss",
+    "select_teacher_rollouts",
+    "teacher_fraction",
     "__version__",
 ]
