@@ -217,6 +217,28 @@ def _weights_rows(weights, lead: torch.Size, device: torch.device) -> Optional[T
     return _broadcast_rows("weights", weights.detach().float(), lead)
 
 
+def _check_process_group(group) -> None:
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first, or pass None")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected None or a torch.distributed.ProcessGroup, got "
+                        f"{type(group).__name__}")
+
+
+def _parallel_backend(backend: str) -> None:
+    """Vocabulary-parallel losses run the torch path: only "auto" and "torch" may ask for it."""
+    _check_choice("backend", backend, BACKENDS)
+    if backend not in ("auto", "torch"):
+        raise NotImplementedError(
+            f"backend={backend!r} with process_group: the vocabulary-parallel loss has only the "
+            "torch path so far; pass backend='torch' or 'auto'")
+
+
 def _common(student_logits, tokens, verifier, weights, extrapolation, interpolation,
             temperature, ignore_index, reduction, return_stats, process_group):
     _check_logits("student_logits", student_logits)
@@ -230,10 +252,7 @@ def _common(student_logits, tokens, verifier, weights, extrapolation, interpolat
     _check_choice("reduction", reduction, REDUCTIONS)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group: vocabulary-parallel losses are not implemented yet; gather the "
-            "vocabulary shards or call the loss without process_group")
+    _check_process_group(process_group)
     tok = _check_tokens(tokens, lead, device)
     sign = _verifier_sign(verifier, lead, device)
     w = _weights_rows(weights, lead, device)
@@ -324,7 +343,10 @@ def gated_opd_loss(
         weights: optional per-position multipliers of the loss (detached).
         reduction: ``"mean"`` over unmasked positions, ``"sum"`` or ``"none"``.
         return_stats: also return :class:`OPDStats`.
-        process_group: vocabulary-parallel group (not implemented yet: raises).
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded
+            (SPEC §7): each rank passes its shard of equal width, columns
+            ``[rank * V, (rank + 1) * V)`` of the global vocabulary, and global ``tokens``;
+            every rank gets the same loss and the gradient of its shard. Runs the torch path.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -344,10 +366,22 @@ def gated_opd_loss(
     _check_device("teacher_logits", teacher_logits, student_logits.device)
     beta = _check_number("beta", beta, nonnegative=True)
     _check_choice("divergence", divergence, DIVERGENCES)
+    reverse = divergence == "reverse_kl"
+    if process_group is not None:
+        from . import parallel
+
+        _parallel_backend(backend)
+        parallel.check_tokens_global(tok, student_logits.shape[-1]
+                                     * process_group.size(), ignore_index)
+        rows = parallel.rows_parallel("opd", student_logits, teacher_logits, tok, sign,
+                                      group=process_group, beta=beta, lam_pos=lam_pos,
+                                      lam_neg=lam_neg, reverse=reverse, temperature=temperature,
+                                      ignore_index=ignore_index)
+        return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
     name = resolve_backend(backend, student_logits.device,
                            torch.promote_types(student_logits.dtype, teacher_logits.dtype))
     rows = _ops.opd_rows(student_logits, teacher_logits.detach(), tok, sign, beta, lam_pos,
-                         lam_neg, divergence == "reverse_kl", temperature, ignore_index, name)
+                         lam_neg, reverse, temperature, ignore_index, name)
     return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
 
 
@@ -386,8 +420,18 @@ def sampled_opd_loss(
         raise ValueError(f"teacher_logprobs: expected shape {tuple(lead)} (like tokens), got "
                          f"{tuple(teacher_logprobs.shape)}")
     _check_device("teacher_logprobs", teacher_logprobs, student_logits.device)
-    name = resolve_backend(backend, student_logits.device, student_logits.dtype)
     tlp = teacher_logprobs.detach().reshape(-1).contiguous()
+    if process_group is not None:
+        from . import parallel
+
+        _parallel_backend(backend)
+        parallel.check_tokens_global(tok, student_logits.shape[-1]
+                                     * process_group.size(), ignore_index)
+        rows = parallel.rows_parallel("sampled", student_logits, tlp, tok, sign,
+                                      group=process_group, lam_pos=lam_pos, lam_neg=lam_neg,
+                                      temperature=temperature, ignore_index=ignore_index)
+        return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
+    name = resolve_backend(backend, student_logits.device, student_logits.dtype)
     rows = _ops.sampled_rows(student_logits, tlp, tok, sign, lam_pos, lam_neg, temperature,
                              ignore_index, name)
     return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)

@@ -261,6 +261,10 @@ def fused_linear_gated_opd_loss(
                                    or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
+    if process_group is not None:
+        raise NotImplementedError(
+            "process_group: the vocabulary-parallel fused-linear loss is not implemented; "
+            "form each rank's logits shard and call gated_opd_loss(..., process_group=)")
     # the row arguments are checked as the logits path checks them (a (lead, V) stand-in)
     stand_in = torch.empty((), device=device, dtype=student_hidden.dtype).expand(*lead, vocab)
     lead, tok, sign, w, lam_pos, lam_neg, temperature, ignore_index = _api._common(

@@ -1,0 +1,280 @@
+"""Vocabulary-parallel losses (SPEC §7): each rank holds a shard of the vocabulary.
+
+Megatron's layout: with ``W`` ranks in ``process_group`` and ``V_local``
+columns per rank, rank ``r`` holds the global columns ``[r V_local, (r + 1)
+V_local)`` of both models' logits (shards of equal width, as Megatron's
+vocabulary-parallel layers make them; a teacher shard may carry extra trailing
+columns, which are ignored). ``tokens`` are global ids.
+
+Every rank computes per-row partial statistics of its shard and combines them
+with all-reduces of O(rows) size (two rounds of max and two of sums for the
+full-logits loss, one of each for the sampled estimator); nothing of size
+rows x vocabulary is communicated. Every rank then holds the same loss and
+statistics, and its backward writes the gradient of its own shard from the
+combined row state, without communication.
+
+This is the readable torch path (row-chunked eager PyTorch, float64 for
+float64 inputs). It runs on any device and process-group backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _rows as C
+from .reference import _chunks, _compute_dtype, _xmul, gate_lambda, sampled_delta
+
+NEG_INF = float("-inf")
+
+
+def shard_start(local_vocab: int, process_group) -> int:
+    """The first global column of this rank's shard (shards of equal width)."""
+    return dist.get_rank(group=process_group) * local_vocab
+
+
+def check_tokens_global(tokens: Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (tokens != ignore_index) & ((tokens < 0) | (tokens >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"tokens: id {int(tokens[bad][0])} is outside [0, {vocab}) (the "
+                         f"global vocabulary of the process group) and is not "
+                         f"ignore_index={ignore_index}")
+
+
+def _all_reduce(x: Tensor, op, group) -> Tensor:
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _finite(m: Tensor) -> Tensor:
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+
+def _owned(tokens: Tensor, start: int, local_vocab: int, ignore_index: int):
+    """Whether this rank holds each row's token, and its local column (0 where not)."""
+    local = tokens - start
+    own = (tokens != ignore_index) & (local >= 0) & (local < local_vocab)
+    return own, torch.where(own, local, torch.zeros_like(local)).unsqueeze(-1)
+
+
+def _gather_owned(x: Tensor, own: Tensor, col: Tensor) -> Tensor:
+    return torch.where(own, x.gather(-1, col).squeeze(-1), torch.zeros_like(x[:, 0]))
+
+
+# ---------------------------------------------------------------------------
+# the full-logits loss
+
+def opd_rows_parallel(s, t, tokens, sign, *, beta, lam_pos, lam_neg, reverse, temperature,
+                      ignore_index, group):
+    """Per-row table (N, C.ROW_K) of this rank's shard ``s`` (N, V_local), ``t`` (N, >= V_local).
+
+    Columns 0-4 as everywhere; A and B; and for the backward (natural units, scaled logits):
+    5 = log Z_S, 6 = log Z_T, 7 = log Z_q, 8 = E_{p_S}[u] (reverse KL).
+    """
+    n, vl = s.shape
+    cdt = _compute_dtype(s, t)
+    start = shard_start(vl, group)
+    valid = tokens != ignore_index
+    own, col = _owned(tokens, start, vl, ignore_index)
+
+    def chunks(fn, width):
+        out = torch.empty(n, width, dtype=cdt, device=s.device)
+        for sl in _chunks(n, vl):
+            out[sl] = fn(sl, s[sl].to(cdt) / temperature, t[sl, :vl].to(cdt) / temperature)
+        return out
+
+    # round 1: the row maxima of both models
+    m = _all_reduce(chunks(lambda sl, zs, zt: torch.stack(
+        [zs.amax(-1), zt.amax(-1)], -1), 2), dist.ReduceOp.MAX, group)
+    m_s, m_t = _finite(m[:, 0]), _finite(m[:, 1])
+
+    # round 2: the normalizers and the sampled token's scaled logits (from its owner)
+    r2 = _all_reduce(chunks(lambda sl, zs, zt: torch.stack([
+        (zs - m_s[sl, None]).exp().sum(-1), (zt - m_t[sl, None]).exp().sum(-1),
+        _gather_owned(zs, own[sl], col[sl]), _gather_owned(zt, own[sl], col[sl])], -1), 4),
+        dist.ReduceOp.SUM, group)
+    lse_s = m_s + r2[:, 0].log()
+    lse_t = m_t + r2[:, 1].log()
+    delta = sampled_delta(r2[:, 3] - lse_t, r2[:, 2] - lse_s)
+    lam, g = gate_lambda(delta, None if sign is None else sign.to(cdt), lam_pos, lam_neg)
+    a, b = lam, 1.0 - lam + beta
+
+    def bridge(sl, zs, zt):
+        lp_s = zs - lse_s[sl, None]
+        lp_t = zt - lse_t[sl, None]
+        support = (lp_s != NEG_INF) & (lp_t != NEG_INF)
+        x = torch.where(support, a[sl, None] * lp_t + b[sl, None] * lp_s,
+                        torch.full_like(lp_s, NEG_INF))
+        return lp_s, lp_t, x
+
+    # round 3: the bridge's row maximum
+    m_x = _all_reduce(chunks(lambda sl, zs, zt: bridge(sl, zs, zt)[2].amax(-1, keepdim=True), 1),
+                      dist.ReduceOp.MAX, group)[:, 0]
+    m_xf = _finite(m_x)
+
+    # round 4: the bridge's normalizer and the expectations the loss needs
+    def sums(sl, zs, zt):
+        lp_s, lp_t, x = bridge(sl, zs, zt)
+        p = lp_s.exp()
+        e = (x - m_xf[sl, None]).exp()
+        return torch.stack([e.sum(-1), _xmul(p, lp_s).sum(-1), _xmul(p, lp_t).sum(-1),
+                            _xmul(e, x - m_xf[sl, None]).sum(-1), _xmul(e, lp_s).sum(-1)], -1)
+    r4 = _all_reduce(chunks(sums, 5), dist.ReduceOp.SUM, group)
+    z_x, e_s, e_t = r4[:, 0], r4[:, 1], r4[:, 2]
+    log_z_q = m_xf + z_x.log()
+    if reverse:  # KL(p_S || q) = E_p[lp_S] - E_p[x] + log Z_q
+        loss = (1.0 - b) * e_s - a * e_t + log_z_q
+    else:  # KL(q || p_S) = E_q[x - m] - log sum e^(x - m) - E_q[lp_S]
+        loss = r4[:, 3] / z_x - z_x.log() - r4[:, 4] / z_x
+    loss = torch.where(z_x == 0, torch.full_like(loss, math.inf), loss)
+
+    zero = torch.zeros_like(loss)
+    out = torch.zeros(n, C.ROW_K, dtype=cdt, device=s.device)
+    for c, v in ((C.LOSS, loss), (C.DELTA, delta), (C.GATE, g), (C.TEACHER_KL, e_s - e_t),
+                 (C.ENTROPY, -e_s)):
+        out[:, c] = torch.where(valid, v, zero)
+    out[:, C.A], out[:, C.B] = a, b
+    out[:, 5], out[:, 6], out[:, 7] = lse_s, lse_t, log_z_q
+    out[:, 8] = (1.0 - b) * e_s - a * e_t  # E_p[u], u = (1 - b) lp_S - a lp_T
+    return out
+
+
+def opd_rows_parallel_backward(grad_rows, s, t, tokens, rows, *, reverse, temperature,
+                               ignore_index):
+    """d loss / d (this rank's student shard), from the combined row state."""
+    n, vl = s.shape
+    cdt = _compute_dtype(s, t)
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    valid = (tokens != ignore_index).unsqueeze(-1)
+    for sl in _chunks(n, vl):
+        r = rows[sl].to(cdt)
+        a, b = r[:, C.A, None], r[:, C.B, None]
+        lp_s = s[sl].to(cdt) / temperature - r[:, 5, None]
+        lp_t = t[sl, :vl].to(cdt) / temperature - r[:, 6, None]
+        p = lp_s.exp()
+        if reverse:  # p (u - E_p[u])
+            gv = _xmul(p, (1.0 - b) * lp_s - a * lp_t - r[:, 8, None])
+        else:  # p - q
+            support = (lp_s != NEG_INF) & (lp_t != NEG_INF)
+            x = torch.where(support, a * lp_t + b * lp_s, torch.full_like(lp_s, NEG_INF))
+            gv = p - (x - r[:, 7, None]).exp()
+        gv = gv / temperature * grad_rows[sl].to(cdt).unsqueeze(-1)
+        grad[sl] = torch.where(valid[sl], gv, torch.zeros_like(gv)).to(s.dtype)
+    return grad
+
+
+class OPDRowsParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, tokens, sign, beta, lam_pos, lam_neg, reverse, temperature,
+                ignore_index, group):
+        rows = opd_rows_parallel(s, t, tokens, sign, beta=beta, lam_pos=lam_pos,
+                                 lam_neg=lam_neg, reverse=reverse, temperature=temperature,
+                                 ignore_index=ignore_index, group=group)
+        ctx.save_for_backward(s, t, tokens, rows)
+        ctx.args = (reverse, temperature, ignore_index)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t, tokens, rows = ctx.saved_tensors
+        gs = None
+        if ctx.needs_input_grad[0]:
+            reverse, temperature, ignore_index = ctx.args
+            gs = opd_rows_parallel_backward(grad[:, C.LOSS].contiguous(), s, t, tokens, rows,
+                                            reverse=reverse, temperature=temperature,
+                                            ignore_index=ignore_index)
+        return (gs,) + (None,) * 10
+
+
+# ---------------------------------------------------------------------------
+# the sampled-token estimator
+
+def sampled_rows_parallel(s, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg, temperature,
+                          ignore_index, group):
+    """Per-row table (N, C.SAMPLED_ROW_K); column 6 holds log Z_S for the backward."""
+    n, vl = s.shape
+    cdt = _compute_dtype(s, teacher_logprobs)
+    start = shard_start(vl, group)
+    valid = tokens != ignore_index
+    own, col = _owned(tokens, start, vl, ignore_index)
+    m = torch.empty(n, 1, dtype=cdt, device=s.device)
+    for sl in _chunks(n, vl):
+        m[sl, 0] = (s[sl].to(cdt) / temperature).amax(-1)
+    m_s = _finite(_all_reduce(m, dist.ReduceOp.MAX, group)[:, 0])
+    r = torch.empty(n, 3, dtype=cdt, device=s.device)
+    for sl in _chunks(n, vl):
+        zc = s[sl].to(cdt) / temperature - m_s[sl, None]
+        e = zc.exp()
+        r[sl] = torch.stack([e.sum(-1), _xmul(e, zc).sum(-1),
+                             _gather_owned(zc, own[sl], col[sl])], -1)
+    r = _all_reduce(r, dist.ReduceOp.SUM, group)
+    log_z = r[:, 0].log()
+    lp_s_y = r[:, 2] - log_z
+    delta = sampled_delta(teacher_logprobs.to(cdt), lp_s_y)
+    lam, g = gate_lambda(delta, None if sign is None else sign.to(cdt), lam_pos, lam_neg)
+    adv = lam * delta
+    entropy = log_z - r[:, 1] / r[:, 0]  # -E_p[lp_S], lp_S = zc - log Z
+    zero = torch.zeros_like(delta)
+    out = torch.zeros(n, C.SAMPLED_ROW_K, dtype=cdt, device=s.device)
+    for c, v in ((C.LOSS, -adv * lp_s_y), (C.DELTA, delta), (C.GATE, g),
+                 (C.TEACHER_KL, -delta), (C.ENTROPY, entropy), (C.S_ADV, adv)):
+        out[:, c] = torch.where(valid, v, zero)
+    out[:, 6] = m_s + log_z
+    return out
+
+
+def sampled_rows_parallel_backward(grad_rows, s, tokens, rows, *, temperature, ignore_index,
+                                   group):
+    """-(A / tau) (onehot(y) - p_S) on this rank's shard."""
+    n, vl = s.shape
+    cdt = _compute_dtype(s)
+    own, col = _owned(tokens, shard_start(vl, group), vl, ignore_index)
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    valid = (tokens != ignore_index).unsqueeze(-1)
+    for sl in _chunks(n, vl):
+        p = (s[sl].to(cdt) / temperature - rows[sl, 6, None].to(cdt)).exp()
+        onehot = torch.zeros_like(p).scatter_(-1, col[sl], 1.0) * own[sl, None].to(cdt)
+        adv = rows[sl, C.S_ADV, None].to(cdt)
+        gv = -(adv / temperature) * (onehot - p) * grad_rows[sl].to(cdt).unsqueeze(-1)
+        grad[sl] = torch.where(valid[sl], gv, torch.zeros_like(gv)).to(s.dtype)
+    return grad
+
+
+class SampledRowsParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, tlp, tokens, sign, lam_pos, lam_neg, temperature, ignore_index, group):
+        rows = sampled_rows_parallel(s, tlp, tokens, sign, lam_pos=lam_pos, lam_neg=lam_neg,
+                                     temperature=temperature, ignore_index=ignore_index,
+                                     group=group)
+        ctx.save_for_backward(s, tokens, rows)
+        ctx.args = (temperature, ignore_index, group)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, tokens, rows = ctx.saved_tensors
+        gs = None
+        if ctx.needs_input_grad[0]:
+            temperature, ignore_index, group = ctx.args
+            gs = sampled_rows_parallel_backward(grad[:, C.LOSS].contiguous(), s, tokens, rows,
+                                                temperature=temperature,
+                                                ignore_index=ignore_index, group=group)
+        return (gs,) + (None,) * 8
+
+
+def rows_parallel(kind: str, *args, group, **kw) -> Tensor:
+    """Entry point of the public API: ``kind`` is "opd" or "sampled"; the table."""
+    if kind == "opd":
+        s, t, tokens, sign = args
+        return OPDRowsParallel.apply(s.reshape(-1, s.shape[-1]),
+                                     t.detach().reshape(-1, t.shape[-1]), tokens, sign,
+                                     kw["beta"], kw["lam_pos"], kw["lam_neg"], kw["reverse"],
+                                     kw["temperature"], kw["ignore_index"], group)
+    s, tlp, tokens, sign = args
+    return SampledRowsParallel.apply(s.reshape(-1, s.shape[-1]), tlp, tokens, sign,
+                                     kw["lam_pos"], kw["lam_neg"], kw["temperature"],
+                                     kw["ignore_index"], group)
+

@@ -1,0 +1,127 @@
+"""Vocabulary-parallel losses (SPEC §7): shards on several CPU processes (gloo) give the
+single-process loss, statistics and gradient."""
+
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sgopd_kernels as sk
+
+B, T, V_LOCAL, EXTRA_T = 2, 4, 7, 3
+
+CASES = [
+    dict(),
+    dict(divergence="forward_kl", beta=0.3, temperature=0.8),
+    dict(verifier="bool", beta=0.1, reduction="sum", return_stats=True),
+    dict(verifier="float", divergence="forward_kl", weights=True, reduction="none",
+         return_stats=True),
+    dict(masked_vocab=True, verifier="bool", return_stats=True),
+    dict(masked_vocab=True, divergence="forward_kl", verifier="bool", return_stats=True),
+]
+
+
+def _global_inputs(world, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    vocab = V_LOCAL * world
+    s = (torch.randn(B, T, vocab, generator=gen) * 2).to(dtype)
+    t = (torch.randn(B, T, vocab, generator=gen) * 2).to(dtype)
+    tok = torch.randint(0, vocab, (B, T), generator=gen)
+    tok[1, 2] = -100
+    return s, t, tok, gen
+
+
+def _case(s, t, tok, gen, opts):
+    opts = dict(opts)
+    ver = opts.pop("verifier", None)
+    if ver == "bool":
+        opts["verifier"] = torch.tensor([True, False])
+    elif ver == "float":
+        opts["verifier"] = torch.randn(B, T, generator=gen).double()
+    if opts.pop("weights", False):
+        opts["weights"] = torch.rand(B, T, generator=gen).double() + 0.5
+    if opts.pop("masked_vocab", False):  # -inf in both models, on every shard
+        s = s.clone()
+        t = t.clone()
+        s[..., 3::5] = float("-inf")
+        t[..., 1::4] = float("-inf")
+        t[0, 0] = float("-inf")  # the teacher rules out a whole row: KL is +inf
+        t[0, 0, 2] = 0.0
+    return s, t, opts
+
+
+def _worker(rank, world, path, dtype):
+    # float64 agrees to rounding; float32 to the rounding of a different summation order
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank,
+                                world_size=world)
+        group = dist.group.WORLD
+        lo, hi = rank * V_LOCAL, (rank + 1) * V_LOCAL
+        for seed, opts in enumerate(CASES):
+            s, t, tok, gen = _global_inputs(world, dtype, seed)
+            s, t, opts = _case(s, t, tok, gen, opts)
+            s_full = s.clone().requires_grad_()
+            ref = sk.gated_opd_loss(s_full, t, tok, backend="torch", **opts)
+            # a shard of the student; the teacher shard carries extra trailing columns
+            s_shard = s[..., lo:hi].clone().requires_grad_()
+            t_shard = torch.cat([t[..., lo:hi], torch.randn(B, T, EXTRA_T).to(dtype)], -1)
+            got = sk.gated_opd_loss(s_shard, t_shard, tok, process_group=group, **opts)
+            if opts.get("return_stats"):
+                (ref, ref_stats), (got, stats) = ref, got
+                for a, b in zip(stats, ref_stats):
+                    torch.testing.assert_close(a, b, **tol, equal_nan=True)
+            torch.testing.assert_close(got, ref, **tol, equal_nan=True)
+            gout = torch.ones_like(ref) if ref.dim() else None
+            finite = torch.isfinite(ref).all()
+            if finite:  # (a +inf row's gradient is not finite)
+                (g_full,) = torch.autograd.grad(ref, s_full, gout)
+                (g_shard,) = torch.autograd.grad(got, s_shard, gout)
+                torch.testing.assert_close(g_shard, g_full[..., lo:hi], **tol)
+            # the sampled estimator
+            tlp = -5 * torch.rand(B, T, generator=gen).to(dtype)
+            kw = {k: v for k, v in opts.items() if k not in ("beta", "divergence")}
+            ref = sk.sampled_opd_loss(s_full, tlp, tok, backend="torch", **kw)
+            got = sk.sampled_opd_loss(s_shard, tlp, tok, process_group=group, **kw)
+            if kw.get("return_stats"):
+                (ref, ref_stats), (got, stats) = ref, got
+                for a, b in zip(stats, ref_stats):
+                    torch.testing.assert_close(a, b, **tol, equal_nan=True)
+            torch.testing.assert_close(got, ref, **tol, equal_nan=True)
+            (g_full,) = torch.autograd.grad(ref, s_full, gout)
+            (g_shard,) = torch.autograd.grad(got, s_shard, gout)
+            torch.testing.assert_close(g_shard, g_full[..., lo:hi], **tol, equal_nan=True)
+        # a token id beyond the global vocabulary raises on every rank
+        s, t, tok, _ = _global_inputs(world, dtype, 0)
+        tok[0, 0] = V_LOCAL * world
+        try:
+            sk.gated_opd_loss(s[..., lo:hi], t[..., lo:hi], tok, process_group=group)
+        except ValueError as e:
+            assert "tokens" in str(e)
+        else:
+            raise AssertionError("an out-of-range token id did not raise")
+        try:
+            sk.gated_opd_loss(s[..., lo:hi], t[..., lo:hi], tok, process_group=group,
+                              backend="triton")
+        except NotImplementedError as e:
+            assert "process_group" in str(e)
+        else:
+            raise AssertionError("backend='triton' with process_group did not raise")
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("world,dtype", [(2, torch.float64), (3, torch.float32)])
+def test_vocab_parallel_matches_single_process(world, dtype):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "rendezvous"), dtype), nprocs=world,
+                 join=True)
