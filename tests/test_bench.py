@@ -28,3 +28,13 @@ def test_bench_cpu_smoke_with_interpreted_kernels():
     # 5 cases (4 logits, linear-rkl) x 2 dtypes x 2 library backends, each checked against
     # eager PyTorch
     assert len(rows) == 20, out
+
+
+def test_block_sweep_smoke_with_interpreted_kernels():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep_blocks.py"),
+                           "--interpret", "--N", "3", "--V", "200", "--blocks", "64,256",
+                           "--warps", "1", "--cases", "rkl,fkl-gated"],
+                          capture_output=True, text=True, timeout=600)
+    # exit status 1 would mean a launch setting changed the numbers
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 8 and "best fkl-gated  bwd" in proc.stdout

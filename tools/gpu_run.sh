@@ -6,7 +6,9 @@
 #
 # Writes OUTDIR/env.txt, OUTDIR/tests.log, OUTDIR/bench.log and a copy of the
 # benchmark's results/*.jsonl. Without benchmark arguments it runs --quick.
-# Extra wheels (e.g. liger-kernel, trl) found in ./.whl are installed first.
+# Extra wheels (e.g. liger-kernel, trl) found in ./.whl are installed first
+# (tools/fetch_wheels.sh downloads them). With SWEEP=1 it also runs
+# benchmarks/sweep_blocks.py (launch settings of the logits kernels).
 set -uo pipefail
 out=${1:?usage: tools/gpu_run.sh OUTDIR [bench args...]}
 shift
@@ -32,4 +34,5 @@ cat "$out/env.txt"
 
 python3 -m pytest -q -x tests 2>&1 | tee "$out/tests.log" | tail -15
 python3 benchmarks/bench_loss.py "${bench_args[@]}" 2>&1 | tee "$out/bench.log" | tail -40
+[ -n "${SWEEP:-}" ] && python3 benchmarks/sweep_blocks.py 2>&1 | tee "$out/sweep.log" | tail -12
 cp benchmarks/results/*.jsonl "$out/" 2>/dev/null || true

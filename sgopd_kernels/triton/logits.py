@@ -374,7 +374,7 @@ def _check_rows(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse, temperature,
-             ignore_index, block_v=None):
+             ignore_index, block_v=None, num_warps=None):
     """Forward: per-row table (N, ROW_K) for logits (..., V) and (..., V_T) of any strides."""
     _check_rows(student, teacher)
     vocab = student.shape[-1]
@@ -392,13 +392,13 @@ def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
         LOG2E / temperature, float(beta), float(lam_pos), float(lam_neg), int(ignore_index),
         HAS_GATE=sign is not None, REVERSE=bool(reverse),
         STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block, ROW_K=C.ROW_K,
-        num_warps=FWD_WARPS,
+        num_warps=num_warps or FWD_WARPS,
     )
     return out
 
 
 def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, temperature,
-                      ignore_index, block_v=None):
+                      ignore_index, block_v=None, num_warps=None):
     """Backward: d loss / d student logits, contiguous, the student's dtype and shape."""
     vocab = student.shape[-1]
     ls = row_layout(student)
@@ -413,6 +413,6 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, tem
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / temperature, 1.0 / temperature, int(ignore_index),
         REVERSE=bool(reverse), STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
-        ROW_K=C.ROW_K, num_warps=BWD_WARPS,
+        ROW_K=C.ROW_K, num_warps=num_warps or BWD_WARPS,
     )
     return grad

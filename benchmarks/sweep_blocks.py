@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Time the logits kernels' forward and backward launches over block sizes and warp counts.
+
+The library's launch settings (``FWD_BLOCK_V``/``FWD_WARPS`` and
+``BWD_BLOCK_V``/``BWD_WARPS`` in ``sgopd_kernels/triton/logits.py``) should be
+the fastest of this sweep on the GPU they target. It times the two kernels
+alone (``triton.testing.do_bench``, median with p20 and p80), for reverse KL,
+forward KL and both with the gate and beta, checks every configuration's row
+table and gradient against the default configuration's (a launch setting must
+not change the numbers beyond rounding), prints a table with the % of the
+speed of light of each kernel's bytes, and appends JSON lines to
+``benchmarks/results/<gpu>_sweep.jsonl``.
+
+    python benchmarks/sweep_blocks.py                          # N=8192 V=151936 bf16
+    python benchmarks/sweep_blocks.py --N 4096 --V 32000 --dtype fp32
+    python benchmarks/sweep_blocks.py --interpret --N 4 --V 300 --blocks 64,128 --warps 1,2
+
+Without a GPU it needs ``--interpret`` (the Triton interpreter on CPU
+tensors): a smoke test whose timings say nothing about GPU speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    ints = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--N", type=int, default=8192)
+    p.add_argument("--V", type=int, default=151936)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--blocks", type=ints, default=(1024, 2048, 4096, 8192))
+    p.add_argument("--warps", type=ints, default=(4, 8, 16))
+    p.add_argument("--cases", default="rkl,fkl,rkl-gated,fkl-gated")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--no-record", action="store_true")
+    p.add_argument("--interpret", action="store_true",
+                   help="CPU: run the kernels in the Triton interpreter (a smoke test)")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.interpret:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import warnings
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(HERE.parent))
+from sgopd_kernels import _rows as C  # noqa: E402
+from sgopd_kernels.triton import logits as K  # noqa: E402
+
+sys.path.insert(0, str(HERE))
+from bench_loss import copy_bandwidth, git_commit, triton_version  # noqa: E402
+
+
+COMPARED = [C.LOSS, C.DELTA, C.GATE, C.TEACHER_KL, C.ENTROPY, C.A, C.B]
+
+
+def timed(on_gpu, fn, rep):
+    if on_gpu:
+        from triton.testing import do_bench
+        return list(do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8]))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return [times[1], times[0], times[2]]
+
+
+def main(args):
+    on_gpu = torch.cuda.is_available() and not args.interpret
+    if not on_gpu and not args.interpret:
+        print("no GPU: pass --interpret to run the kernels in the Triton interpreter")
+        return 2
+    dev = torch.device("cuda" if on_gpu else "cpu")
+    gpu = re.sub(r"[^A-Za-z0-9_.-]", "_", torch.cuda.get_device_name(dev)) if on_gpu else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    n, vocab = args.N, args.V
+    gen = torch.Generator(device=dev).manual_seed(0)
+    s = torch.randn(n, vocab, device=dev, generator=gen).mul_(3).to(dtype)
+    t = torch.randn(n, vocab, device=dev, generator=gen).mul_(3).to(dtype)
+    tok = torch.randint(0, vocab, (n,), device=dev, generator=gen)
+    sign = torch.where(torch.rand(n, device=dev, generator=gen) > 0.5, 1.0, -1.0)
+    grow = torch.full((n,), 1.0 / n, device=dev)
+    ctx = argparse.Namespace(on_gpu=on_gpu, device=dev, args=argparse.Namespace(rep=50, warmup=10))
+    bw = copy_bandwidth(ctx)
+    elt = s.element_size()
+    sol = {"fwd": 2 * n * vocab * elt / bw * 1e3, "bwd": 3 * n * vocab * elt / bw * 1e3}
+    meta = dict(gpu=gpu, commit=git_commit(), torch=torch.__version__, triton=triton_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                N=n, V=vocab, dtype=args.dtype, bandwidth_tbs=bw / 1e12)
+    print(f"device {gpu}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, "
+          f"N={n} V={vocab} {args.dtype}, copy bandwidth {bw / 1e12:.3f} TB/s")
+    if not on_gpu:
+        print("NOTE: interpreted on a CPU: these timings say nothing about GPU speed.")
+    records = []
+    for case in args.cases.split(","):
+        reverse, gated = case.startswith("rkl"), case.endswith("gated")
+        kw = dict(beta=0.1 if gated else 0.0, lam_pos=1.8, lam_neg=1.0, reverse=reverse,
+                  temperature=1.0, ignore_index=-100)
+        sg = sign if gated else None
+        base_rows = K.opd_rows(s, t, tok, sg, **kw)
+        bkw = dict(reverse=reverse, temperature=1.0, ignore_index=-100)
+        base_grad = K.opd_rows_backward(grow, s, t, tok, base_rows, **bkw).float()
+        for block in args.blocks:
+            for warps in args.warps:
+                if block < 32 * warps:
+                    continue
+                for kernel in ("fwd", "bwd"):
+                    if kernel == "fwd":
+                        def fn():
+                            return K.opd_rows(s, t, tok, sg, block_v=block, num_warps=warps, **kw)
+                    else:
+                        def fn():
+                            return K.opd_rows_backward(grow, s, t, tok, base_rows, block_v=block,
+                                                       num_warps=warps, **bkw)
+                    try:
+                        out = fn().float()
+                        if kernel == "fwd":  # the loss, statistics and bridge coefficients (the
+                            # saved frame depends on the first block, so its columns differ)
+                            out, want = out[:, COMPARED], base_rows[:, COMPARED]
+                        else:
+                            want = base_grad
+                        ok = torch.allclose(out, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+                        ms, p20, p80 = timed(on_gpu, fn, args.rep)
+                    except Exception as e:  # e.g. out of resources for a large block
+                        print(f"  {case:<10} {kernel} BLOCK_V={block:<5} warps={warps:<2} "
+                              f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                        continue
+                    rec = dict(meta, case=case, kernel=kernel, block_v=block, num_warps=warps,
+                               ms=ms, p20=p20, p80=p80, pct_sol=100 * sol[kernel] / ms,
+                               check="ok" if ok else "mismatch")
+                    records.append(rec)
+                    print(f"  {case:<10} {kernel} BLOCK_V={block:<5} warps={warps:<2} "
+                          f"{ms:8.3f} ms [{p20:.3f}, {p80:.3f}]  {rec['pct_sol']:5.1f}% SoL  "
+                          f"{rec['check']}", flush=True)
+    for case in args.cases.split(","):
+        for kernel in ("fwd", "bwd"):
+            rs = [r for r in records if r["case"] == case and r["kernel"] == kernel
+                  and r["check"] == "ok"]
+            if rs:
+                best = min(rs, key=lambda r: r["ms"])
+                print(f"best {case:<10} {kernel}: BLOCK_V={best['block_v']} "
+                      f"warps={best['num_warps']} {best['ms']:.3f} ms")
+    if on_gpu and not args.no_record and records:
+        out = HERE / "results" / f"{gpu}_sweep.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        print(f"appended {len(records)} lines to {out}")
+    return 1 if any(r["check"] == "mismatch" for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
