@@ -54,6 +54,20 @@ def _case(s, t, tok, gen, opts):
     return s, t, opts
 
 
+def _compare(ref, got, s_full, s_shard, lo, hi, tol):
+    """The shard's loss and statistics equal the full ones; its gradient the full one's slice."""
+    if isinstance(ref, tuple):
+        (ref, ref_stats), (got, stats) = ref, got
+        for a, b in zip(stats, ref_stats):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True)
+    torch.testing.assert_close(got, ref, **tol, equal_nan=True)
+    if torch.isfinite(ref).all():  # (a +inf row's gradient is not finite)
+        gout = torch.ones_like(ref) if ref.dim() else None
+        (g_full,) = torch.autograd.grad(ref, s_full, gout)
+        (g_shard,) = torch.autograd.grad(got, s_shard, gout)
+        torch.testing.assert_close(g_shard, g_full[..., lo:hi], **tol, equal_nan=True)
+
+
 def _worker(rank, world, path, dtype):
     # float64 agrees to rounding; float32 to the rounding of a different summation order
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
@@ -71,30 +85,13 @@ def _worker(rank, world, path, dtype):
             s_shard = s[..., lo:hi].clone().requires_grad_()
             t_shard = torch.cat([t[..., lo:hi], torch.randn(B, T, EXTRA_T).to(dtype)], -1)
             got = sk.gated_opd_loss(s_shard, t_shard, tok, process_group=group, **opts)
-            if opts.get("return_stats"):
-                (ref, ref_stats), (got, stats) = ref, got
-                for a, b in zip(stats, ref_stats):
-                    torch.testing.assert_close(a, b, **tol, equal_nan=True)
-            torch.testing.assert_close(got, ref, **tol, equal_nan=True)
-            gout = torch.ones_like(ref) if ref.dim() else None
-            finite = torch.isfinite(ref).all()
-            if finite:  # (a +inf row's gradient is not finite)
-                (g_full,) = torch.autograd.grad(ref, s_full, gout)
-                (g_shard,) = torch.autograd.grad(got, s_shard, gout)
-                torch.testing.assert_close(g_shard, g_full[..., lo:hi], **tol)
+            _compare(ref, got, s_full, s_shard, lo, hi, tol)
             # the sampled estimator
             tlp = -5 * torch.rand(B, T, generator=gen).to(dtype)
             kw = {k: v for k, v in opts.items() if k not in ("beta", "divergence")}
             ref = sk.sampled_opd_loss(s_full, tlp, tok, backend="torch", **kw)
             got = sk.sampled_opd_loss(s_shard, tlp, tok, process_group=group, **kw)
-            if kw.get("return_stats"):
-                (ref, ref_stats), (got, stats) = ref, got
-                for a, b in zip(stats, ref_stats):
-                    torch.testing.assert_close(a, b, **tol, equal_nan=True)
-            torch.testing.assert_close(got, ref, **tol, equal_nan=True)
-            (g_full,) = torch.autograd.grad(ref, s_full, gout)
-            (g_shard,) = torch.autograd.grad(got, s_shard, gout)
-            torch.testing.assert_close(g_shard, g_full[..., lo:hi], **tol, equal_nan=True)
+            _compare(ref, got, s_full, s_shard, lo, hi, tol)
         # a token id beyond the global vocabulary raises on every rank
         s, t, tok, _ = _global_inputs(world, dtype, 0)
         tok[0, 0] = V_LOCAL * world
