@@ -149,17 +149,23 @@ def _check_tokens(tokens, lead: torch.Size, device: torch.device) -> Tensor:
 
 
 def _broadcast_rows(name: str, x: Tensor, lead: torch.Size) -> Tensor:
-    """Per sequence (a prefix of the leading shape) or per position, to (N,)."""
+    """Per sequence (a prefix of the leading shape) or per position, to (N,).
+
+    Fewer dimensions than the leading shape must be a prefix of it, read from the left
+    ((B,) for (B, T): per sequence); a (T,) tensor is refused rather than silently read per
+    time step (or per sequence when B == T). With all the dimensions, size-1 ones broadcast.
+    """
     shape = tuple(x.shape)
     if x.dim() < len(lead) and shape == tuple(lead[: x.dim()]):
         x = x.reshape(shape + (1,) * (len(lead) - x.dim()))
-    try:
-        x = torch.broadcast_to(x, lead)
-    except RuntimeError:
-        raise ValueError(
-            f"{name}: shape {shape} fits neither per sequence (a prefix of {tuple(lead)}, such "
-            f"as {tuple(lead[:1])}) nor per position ({tuple(lead)})") from None
-    return x.reshape(-1)
+    if x.dim() == len(lead):
+        try:
+            return torch.broadcast_to(x, lead).reshape(-1)
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"{name}: shape {shape} fits neither per sequence (a prefix of {tuple(lead)}, such as "
+        f"{tuple(lead[:1])}) nor per position ({tuple(lead)}, size-1 dimensions broadcast)")
 
 
 _VERIFIER_CHECKED = False
@@ -197,8 +203,8 @@ def _verifier_sign(verifier, lead: torch.Size, device: torch.device) -> Optional
         sign = verifier.to(torch.float32) * 2 - 1
     elif verifier.is_floating_point():
         _warn_if_rewards(verifier)
-        v = verifier.detach().to(torch.float32)
-        sign = torch.where(torch.isnan(v), v, torch.sign(v))  # NaN stays NaN
+        v = verifier.detach()  # the sign before any cast: a tiny float64 advantage keeps it
+        sign = torch.where(torch.isnan(v), v, torch.sign(v)).to(torch.float32)  # NaN stays NaN
     else:
         raise TypeError(f"verifier: expected a bool tensor (verdicts) or a floating tensor "
                         f"(signed advantages), got {verifier.dtype}; integer 0/1 rewards would "
@@ -214,7 +220,8 @@ def _weights_rows(weights, lead: torch.Size, device: torch.device) -> Optional[T
     if not weights.is_floating_point():
         raise TypeError(f"weights: expected a floating tensor, got {weights.dtype}")
     _check_device("weights", weights, device)
-    return _broadcast_rows("weights", weights.detach().float(), lead)
+    w = weights.detach()
+    return _broadcast_rows("weights", w if w.dtype == torch.float64 else w.float(), lead)
 
 
 def _check_process_group(group) -> None:
@@ -458,6 +465,13 @@ class GatedOPDLoss(torch.nn.Module):
         for name in ("extrapolation", "interpolation", "temperature"):
             if name in keywords:
                 _check_number(name, keywords[name], positive=True)
+        if "ignore_index" in keywords and (isinstance(keywords["ignore_index"], bool) or not
+                                           isinstance(keywords["ignore_index"], numbers.Integral)):
+            raise TypeError(f"ignore_index: expected an int, got "
+                            f"{type(keywords['ignore_index']).__name__}")
+        if "return_stats" in keywords and not isinstance(keywords["return_stats"], bool):
+            raise TypeError(f"return_stats: expected a bool, got "
+                            f"{type(keywords['return_stats']).__name__}")
         if "divergence" in keywords:
             _check_choice("divergence", keywords["divergence"], DIVERGENCES)
         if "reduction" in keywords:

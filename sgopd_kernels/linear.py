@@ -54,9 +54,10 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, tok, sign, w, opts):
         (beta, lam_pos, lam_neg, reverse, temperature, ignore_index, backend, reduction,
-         lead, chunk) = opts
+         lead, chunk, grad_enabled) = opts
         n = hs.shape[0]
-        need = ctx.needs_input_grad[:3]
+        # under no_grad / inference_mode no gradient is computed, whatever requires_grad says
+        need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         store = any(need) and reduction != "none"
         gh = gw = gb = coef = None
         tdt = _ops._table_dtype(backend, hs, ht)  # float32, or float64 on the torch backend
@@ -102,7 +103,7 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_rows):
         need = ctx.needs_input_grad[:3]
-        if not any(need):
+        if not any(need) or not ctx.opts[-1]:
             return (None,) * 10
         if ctx.store:
             if ctx.consumed:
@@ -141,7 +142,7 @@ def _accumulate(dz: Tensor, hs_c: Tensor, ws: Tensor, sl: slice, gh, gw, gb) -> 
 
 def _recompute_grads(ctx, grad_loss, need):
     (_beta, _lp, _ln, reverse, temperature, ignore_index, backend, _red, _lead,
-     chunk) = ctx.opts
+     chunk, _grad_enabled) = ctx.opts
     hs, ws, bs, ht, wt, bt, tok, w, rows = ctx.saved_tensors
     valid = tok != ignore_index
     g_rows = grad_loss.reshape(-1).to(rows.dtype)
@@ -281,7 +282,7 @@ def fused_linear_gated_opd_loss(
     bt = None if teacher_bias is None else teacher_bias.detach()[:vocab]
     chunk = _chunk_rows(hs.shape[0], vocab, chunk_size)
     opts = (beta, lam_pos, lam_neg, divergence == "reverse_kl", temperature, ignore_index, name,
-            reduction, tuple(lead), chunk)
+            reduction, tuple(lead), chunk, torch.is_grad_enabled())
     loss, rows = _FusedLinear.apply(hs, student_weight, student_bias, ht, wt, bt, tok, sign, w,
                                     opts)
     loss = loss.to(torch.float32)

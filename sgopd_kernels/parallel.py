@@ -53,6 +53,11 @@ def _finite(m: Tensor) -> Tensor:
     return torch.where(torch.isinf(m), torch.zeros_like(m), m)
 
 
+def _lse(m: Tensor, total: Tensor) -> Tensor:
+    """m + log(total); +inf for an empty row (total 0), so that z - lse is -inf there, not NaN."""
+    return torch.where(total == 0, torch.full_like(m, math.inf), m + total.log())
+
+
 def _owned(tokens: Tensor, start: int, local_vocab: int, ignore_index: int):
     """Whether this rank holds each row's token, and its local column (0 where not)."""
     local = tokens - start
@@ -96,8 +101,8 @@ def opd_rows_parallel(s, t, tokens, sign, *, beta, lam_pos, lam_neg, reverse, te
         (zs - m_s[sl, None]).exp().sum(-1), (zt - m_t[sl, None]).exp().sum(-1),
         _gather_owned(zs, own[sl], col[sl]), _gather_owned(zt, own[sl], col[sl])], -1), 4),
         dist.ReduceOp.SUM, group)
-    lse_s = m_s + r2[:, 0].log()
-    lse_t = m_t + r2[:, 1].log()
+    lse_s = _lse(m_s, r2[:, 0])
+    lse_t = _lse(m_t, r2[:, 1])
     delta = sampled_delta(r2[:, 3] - lse_t, r2[:, 2] - lse_s)
     lam, g = gate_lambda(delta, None if sign is None else sign.to(cdt), lam_pos, lam_neg)
     a, b = lam, 1.0 - lam + beta
@@ -211,15 +216,16 @@ def sampled_rows_parallel(s, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg
         r[sl] = torch.stack([e.sum(-1), _xmul(e, zc).sum(-1),
                              _gather_owned(zc, own[sl], col[sl])], -1)
     r = _all_reduce(r, dist.ReduceOp.SUM, group)
-    log_z = r[:, 0].log()
+    log_z = _lse(torch.zeros_like(m_s), r[:, 0])
     lp_s_y = r[:, 2] - log_z
     delta = sampled_delta(teacher_logprobs.to(cdt), lp_s_y)
     lam, g = gate_lambda(delta, None if sign is None else sign.to(cdt), lam_pos, lam_neg)
     adv = lam * delta
-    entropy = log_z - r[:, 1] / r[:, 0]  # -E_p[lp_S], lp_S = zc - log Z
+    # -E_p[lp_S], lp_S = zc - log Z; 0 for a row without support
+    entropy = torch.where(r[:, 0] == 0, torch.zeros_like(log_z), log_z - r[:, 1] / r[:, 0])
     zero = torch.zeros_like(delta)
     out = torch.zeros(n, C.SAMPLED_ROW_K, dtype=cdt, device=s.device)
-    for c, v in ((C.LOSS, -adv * lp_s_y), (C.DELTA, delta), (C.GATE, g),
+    for c, v in ((C.LOSS, -_xmul(adv, lp_s_y)), (C.DELTA, delta), (C.GATE, g),
                  (C.TEACHER_KL, -delta), (C.ENTROPY, entropy), (C.S_ADV, adv)):
         out[:, c] = torch.where(valid, v, zero)
     out[:, 6] = m_s + log_z

@@ -42,6 +42,16 @@ def _xmul(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p * torch.where(p == 0, torch.zeros_like(x), x)
 
 
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension; a row that is -inf everywhere stays -inf.
+
+    (torch.log_softmax gives NaN there: -inf - -inf.) Such a row is a distribution with no
+    support: it gives every token probability 0, so it never creates NaN by itself.
+    """
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    return torch.where(lse == NEG_INF, torch.full_like(x, NEG_INF), x - lse)
+
+
 def _sign(x: torch.Tensor) -> torch.Tensor:
     """sign(x) with NaN -> 0."""
     return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
@@ -95,8 +105,8 @@ def bridge_terms(
     """
     s = s_logits / temperature
     t = t_logits / temperature
-    lp_s = torch.log_softmax(s, dim=-1)
-    lp_t = torch.log_softmax(t, dim=-1)
+    lp_s = log_softmax(s)
+    lp_t = log_softmax(t)
     lp_s_d = lp_s.detach()
     p_s = lp_s.exp()
 
@@ -165,8 +175,8 @@ def opd_grad_chunk(s_logits, t_logits, a, b, *, reverse: bool, temperature: floa
     """Closed-form d loss / d student logits for one chunk (SPEC section 3)."""
     s = s_logits / temperature
     t = t_logits / temperature
-    lp_s = torch.log_softmax(s, dim=-1)
-    lp_t = torch.log_softmax(t, dim=-1)
+    lp_s = log_softmax(s)
+    lp_t = log_softmax(t)
     p_s = lp_s.exp()
     a = a.unsqueeze(-1)
     b = b.unsqueeze(-1)
@@ -205,14 +215,14 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, tem
 def sampled_terms(s_logits, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg,
                   temperature, ignore_index) -> dict:
     """Per-row quantities of the sampled estimator; differentiable in s_logits."""
-    lp_s = torch.log_softmax(s_logits / temperature, dim=-1)
+    lp_s = log_softmax(s_logits / temperature)
     valid = tokens != ignore_index
     y = torch.where(valid, tokens, torch.zeros_like(tokens)).unsqueeze(-1)
     lp_s_y = lp_s.gather(-1, y).squeeze(-1)
     delta = sampled_delta(teacher_logprobs, lp_s_y.detach())
     lam, g = gate_lambda(delta, sign, lam_pos, lam_neg)
     adv = lam * delta
-    loss = -adv * lp_s_y
+    loss = -_xmul(adv, lp_s_y)  # A = 0 (delta = 0) contributes 0, even where lp_S(y) = -inf
     zero = torch.zeros_like(delta)
     with torch.no_grad():
         entropy = -_xmul(lp_s.exp(), lp_s).sum(-1)
@@ -241,7 +251,7 @@ def sampled_rows_backward(grad_rows, student, tokens, rows, *, temperature, igno
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     valid = tokens != ignore_index
     for sl in _chunks(n, vocab):
-        p = torch.softmax(student[sl].to(cdt) / temperature, dim=-1)
+        p = log_softmax(student[sl].to(cdt) / temperature).exp()
         y = torch.where(valid[sl], tokens[sl], torch.zeros_like(tokens[sl]))
         onehot = torch.zeros_like(p).scatter_(-1, y.unsqueeze(-1), 1.0)
         adv = rows[sl, C.S_ADV].to(cdt).unsqueeze(-1)

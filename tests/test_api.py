@@ -115,6 +115,10 @@ def test_module_validates_at_construction():
         sk.GatedOPDLoss(divergence="tv")
     with pytest.raises(ValueError, match="beta"):
         sk.GatedOPDLoss(beta=-1)
+    with pytest.raises(TypeError, match="ignore_index"):
+        sk.GatedOPDLoss(ignore_index=2.5)
+    with pytest.raises(TypeError, match="return_stats"):
+        sk.GatedOPDLoss(return_stats="yes")
     mod = sk.GatedOPDLoss(beta=0.2, reduction="sum")
     assert "beta=0.2" in repr(mod)
     s, t, y = _inputs()
@@ -150,6 +154,53 @@ def test_verifier_and_weights_broadcast_per_sequence():
     c = sk.gated_opd_loss(s, t, y, column, weights=torch.tensor([1.0, 3.0])[:, None].expand(2, 4),
                           reduction="none")
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_per_time_step_shapes_are_refused_not_guessed():
+    # a (T,) tensor for (B, T) positions is neither per sequence nor per position: reading it
+    # per time step (or per sequence when B == T) would be a guess
+    s, t, y = _inputs(shape=(2, 3))
+    with pytest.raises(ValueError, match="verifier"):
+        sk.gated_opd_loss(s, t, y, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="weights"):
+        sk.gated_opd_loss(s, t, y, weights=torch.ones(3))
+    with pytest.raises(ValueError, match="weights"):
+        sk.gated_opd_loss(s, t, y, weights=torch.ones(2, 3, 1))
+    # all the dimensions, size 1 where it broadcasts: accepted
+    a = sk.gated_opd_loss(s, t, y, torch.tensor([[True, False, True]]), reduction="none")
+    b = sk.gated_opd_loss(s, t, y, torch.tensor([[True, False, True]] * 2), reduction="none")
+    assert torch.equal(a, b)
+    # with B == T a (B,) tensor is per sequence, as always
+    s, t, y = _inputs(shape=(3, 3))
+    v = torch.tensor([True, False, True])
+    a = sk.gated_opd_loss(s, t, y, v, reduction="none")
+    b = sk.gated_opd_loss(s, t, y, v[:, None].expand(3, 3), reduction="none")
+    assert torch.equal(a, b)
+
+
+def test_tiny_float64_advantages_keep_their_sign():
+    s, t, y = _inputs()
+    tiny = torch.tensor([1e-50, -1e-50], dtype=torch.float64)
+    _, st = sk.gated_opd_loss(s, t, y, tiny, return_stats=True)
+    _, ref = sk.gated_opd_loss(s, t, y, tiny > 0, return_stats=True)
+    assert st.consistent_frac + st.conflict_frac == 1.0
+    assert torch.equal(torch.stack(list(st)), torch.stack(list(ref)))
+
+
+def test_float64_weights_keep_float64_precision():
+    s, t, y = _inputs(dtype=torch.float64)
+    w = torch.tensor([1.0 + 3e-12, 0.7], dtype=torch.float64)
+    x = s.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(sk.gated_opd_loss(x, t, y, weights=w, reduction="sum",
+                                                 backend="torch"), x)
+    rows = sk.gated_opd_loss(x, t, y, reduction="none", backend="torch")
+    (g_rows,) = torch.autograd.grad(rows, x, w[:, None].expand(2, 3).float(), retain_graph=True)
+    (want,) = torch.autograd.grad(rows, x, torch.ones_like(rows))
+    want = want * w[:, None, None]
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(g, want, rtol=1e-14, atol=0)
+    # (a float32 copy of the weights would be off by about 1e-8 relative)
+    assert (g_rows - want).abs().max() > 1e-12 * want.abs().max()
 
 
 def test_dtypes_shapes_and_no_writes_to_inputs():

@@ -132,6 +132,22 @@ def test_partial_and_no_gradients():
     torch.testing.assert_close(plain, loss.detach(), rtol=0, atol=0)
 
 
+def test_no_gradient_work_without_grad_mode(monkeypatch):
+    calls = []
+    real = linear._accumulate
+    monkeypatch.setattr(linear, "_accumulate", lambda *a: calls.append(1) or real(*a))
+    hs, ws, bs, ht, wt, bt, tok = _inputs()  # hidden, weight and bias require grad
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs,
+                                                  chunk_size=3, backend="torch")
+        assert not loss.requires_grad
+    assert calls == []
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs, chunk_size=3,
+                                          backend="torch")
+    assert len(calls) == 4  # 10 rows in chunks of 3: the gradients are formed in forward
+
+
 def test_second_backward_through_stored_gradients_raises():
     hs, ws, bs, ht, wt, bt, tok = _inputs()
     loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, backend="torch")

@@ -51,6 +51,8 @@ def _case(s, t, tok, gen, opts):
         t[..., 1::4] = float("-inf")
         t[0, 0] = float("-inf")  # the teacher rules out a whole row: KL is +inf
         t[0, 0, 2] = 0.0
+        s[1, 1] = float("-inf")  # a student row without support
+        t[1, 3] = float("-inf")  # a teacher row without support
     return s, t, opts
 
 

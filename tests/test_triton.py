@@ -267,6 +267,37 @@ def test_reverse_kl_is_inf_where_teacher_masks_student_mass():
     assert_loss_close(loss[[0, 1, 3]], want[[0, 1, 3]])
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rows_without_support_never_give_nan(divergence, backend, small_blocks):
+    # -inf alone never creates NaN: a model that masks its whole row gives every token
+    # probability 0, so the joint support is empty and the loss is +inf
+    inf = math.inf
+    s, t, y = _rand((4,), 90, seed=5)
+    t[0] = -inf                      # the teacher masks everything
+    s[1] = -inf                      # the student masks everything
+    s[2] = -inf
+    t[2] = -inf                      # both
+    ver = torch.tensor([True, False, True, False])
+    loss, st = sk.gated_opd_loss(s.to(DEV), t.to(DEV), y.to(DEV), ver.to(DEV), beta=0.2,
+                                 divergence=divergence, reduction="none", return_stats=True,
+                                 backend=backend)
+    loss = loss.cpu()
+    assert loss[:3].tolist() == [inf, inf, inf]
+    want, _, _ = oracle_opd(s[3:], t[3:], y[3:], ver[3:], beta=0.2, divergence=divergence,
+                            reduction="none")
+    assert_loss_close(loss[3:], want)
+    # teacher_kl is +inf (rows 0 and 2 have no p_T; row 0 has p_S mass); entropy stays finite
+    assert st.teacher_kl.item() == inf and math.isfinite(st.student_entropy.item())
+    # the sampled estimator: a student row without support, with and without teacher mass on y
+    tlp = torch.tensor([-1.0, -inf, -2.0, -3.0])
+    loss = sk.sampled_opd_loss(s.to(DEV), tlp.to(DEV), y.to(DEV), reduction="none",
+                               backend=backend).cpu()
+    assert loss[1].item() == 0.0  # lp_S(y) = lp_T(y) = -inf: delta = 0, A = 0, no contribution
+    assert loss[2].item() == inf  # lp_S(y) = -inf < lp_T(y): A = +inf
+    assert not torch.isnan(loss).any()
+
+
 def test_nan_stays_in_its_row(small_blocks):
     s, t, y = _rand((5,), 100, 104, seed=3)
     s[1, 50] = float("nan")

@@ -236,14 +236,15 @@ def _opd_fwd_kernel(
 
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
     r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
-    lz_s = tl.log2(z_s)
-    lz_t = tl.log2(z_t)
+    # a model that masks its whole row gives every token probability 0: lp = -inf, not NaN
+    lz_s = tl.where(z_s == 0.0, float("inf"), tl.log2(z_s))
+    lz_t = tl.where(z_t == 0.0, float("inf"), tl.log2(z_t))
     off_s = (f_s - r_s) * scale2 - lz_s  # lp_S = sf + off_s (base 2)
     off_t = (f_t - r_t) * scale2 - lz_t
     mean_s = acc_ss / z_s                # E_{p_S}[sf] in the final frame
     mean_t = acc_st / z_s                # E_{p_S}[tf]
-    elp_s = mean_s + off_s               # E_{p_S}[lp_S], base 2
-    elp_t = mean_t + off_t               # E_{p_S}[lp_T], base 2
+    elp_s = tl.where(z_s == 0.0, 0.0, mean_s + off_s)  # E_{p_S}[lp_S], base 2 (0: no p_S)
+    elp_t = tl.where(z_s == 0.0, 0.0, mean_t + off_t)  # E_{p_S}[lp_T], base 2
 
     # the sampled token: delta and the gate
     lps_y = (s_y - r_s) * scale2 - lz_s

@@ -50,7 +50,7 @@ def _sampled_fwd_kernel(
         z_s = z_s * al_s + tl.sum(e_s, 0)
         m_s = nm_s
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
-    lz_s = tl.log2(z_s)
+    lz_s = tl.where(z_s == 0.0, float("inf"), tl.log2(z_s))  # a row without support: lp = -inf
 
     y_safe = tl.where(y_ok, y, 0)  # never read out of bounds (the loss is NaN then)
     s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
@@ -67,14 +67,16 @@ def _sampled_fwd_kernel(
         g = delta * 0.0
         lam = 1.0
     adv = lam * delta
-    loss = tl.where(y_ok, -adv * lps_y, float("nan"))
+    loss = tl.where(adv == 0.0, 0.0, -adv * lps_y)  # A = 0 contributes 0 (0 log 0 = 0)
+    loss = tl.where(y_ok, loss, float("nan"))
 
     out = OUT + row * ROW_K
     tl.store(out + 0, tl.where(valid, loss, 0.0))
     tl.store(out + 1, tl.where(valid, delta, 0.0))
     tl.store(out + 2, tl.where(valid, g, 0.0))
     tl.store(out + 3, tl.where(valid, -delta, 0.0))
-    tl.store(out + 4, tl.where(valid, (lz_s - acc_ss / z_s) * LN2, 0.0))
+    entropy = tl.where(z_s == 0.0, 0.0, (lz_s - acc_ss / z_s) * LN2)
+    tl.store(out + 4, tl.where(valid, entropy, 0.0))
     tl.store(out + 5, tl.where(valid, adv, 0.0))
     tl.store(out + 6, tl.where(valid, r_s, 0.0))
     tl.store(out + 7, tl.where(valid, lz_s, 0.0))
