@@ -10,11 +10,13 @@ gradients, one chunk of their gradient) exists at a time.
 Gradients (to the student's hidden state, weight and bias; the teacher gets
 none) are computed in the forward when the reduction is "mean" or "sum": the
 incoming gradient is then a scalar, so backward only scales the stored
-gradients by it, on the device, without reading it on the host. That makes
-forward + backward four matrix products per chunk, the minimum. With
-``reduction="none"`` the incoming gradient differs per position and the
-weight gradient cannot be scaled afterwards: backward recomputes the logits
-chunk by chunk (six products per chunk).
+gradients by it (in float32, rounded once), on the device, without reading it
+on the host. That makes forward + backward four matrix products per chunk,
+the minimum. With ``reduction="none"`` the incoming gradient differs per
+position and the weight gradient cannot be scaled afterwards: backward
+recomputes the logits chunk by chunk (six products per chunk). float16 inputs
+recompute too: their gradients formed at unit scale would underflow, and a
+loss scaler's factor (65536 at first) would overflow them afterwards.
 
 The weight gradient is accumulated over the chunks in the weight's dtype,
 each product added by ``addmm_`` (one rounding per chunk, the matrix product
@@ -58,15 +60,18 @@ class _FusedLinear(torch.autograd.Function):
         n = hs.shape[0]
         # under no_grad / inference_mode no gradient is computed, whatever requires_grad says
         need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
-        store = any(need) and reduction != "none"
-        gh = gw = gb = coef = None
+        # float16 gradients formed at unit scale would underflow (and overflow once a loss
+        # scaler multiplies them): float16 always recomputes with the incoming gradient
+        store = any(need) and reduction != "none" and hs.dtype != torch.float16
+        gh = gw = gb = None
         tdt = _ops._table_dtype(backend, hs, ht)  # float32, or float64 on the torch backend
-        if store:  # d loss / d row loss, as _api._reduce_loss computes the loss
-            valid = tok != ignore_index
-            coef = valid.to(tdt) if w is None else \
-                torch.where(valid, w.to(tdt), torch.zeros_like(w, dtype=tdt))
-            if reduction == "mean":
-                coef = coef / valid.sum().clamp(min=1).to(tdt)
+        # d loss / d row loss per unit incoming gradient, as _api._reduce_loss forms the loss
+        valid = tok != ignore_index
+        coef = valid.to(tdt) if w is None else \
+            torch.where(valid, w.to(tdt), torch.zeros_like(w, dtype=tdt))
+        if reduction == "mean":
+            coef = coef / valid.sum().clamp(min=1).to(tdt)
+        if store:
             gh, gw, gb = _grad_buffers(need, hs, ws, bs)
         tables = []
         for a in range(0, n, chunk):
@@ -97,7 +102,7 @@ class _FusedLinear(torch.autograd.Function):
         if store:
             ctx.save_for_backward(gh, gw, gb)
         elif any(need):
-            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, tok, w, rows)
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, tok, coef, rows)
         return loss, rows
 
     @staticmethod
@@ -113,12 +118,24 @@ class _FusedLinear(torch.autograd.Function):
                     "the loss again, or use reduction='none' and reduce it yourself.")
             ctx.consumed = True
             gh, gw, gb = ctx.saved_tensors
-            out = [None if x is None else x.mul_(grad_loss.to(x.dtype)) for x in (gh, gw, gb)]
+            out = [None if x is None else _scale_(x, grad_loss) for x in (gh, gw, gb)]
             if out[2] is not None:
                 out[2] = out[2].to(ctx.bias_dtype)
         else:
             out = _recompute_grads(ctx, grad_loss, need)
         return tuple(out) + (None,) * 7
+
+
+def _scale_(x: Tensor, g: Tensor, rows: int = 4096) -> Tensor:
+    """x *= g in place, the product in float32 (at least) and rounded once; for a 16-bit x
+    a block of rows at a time, so no float32 copy of x exists."""
+    if x.element_size() >= 4:
+        return x.mul_(g.to(x.dtype))
+    g = g.to(torch.float32)
+    flat = x.view(x.shape[0], -1) if x.dim() else x.view(1)
+    for a in range(0, flat.shape[0], rows):
+        flat[a:a + rows] = flat[a:a + rows].float() * g
+    return x
 
 
 def _grad_buffers(need, hs, ws, bs):
@@ -143,11 +160,9 @@ def _accumulate(dz: Tensor, hs_c: Tensor, ws: Tensor, sl: slice, gh, gw, gb) -> 
 def _recompute_grads(ctx, grad_loss, need):
     (_beta, _lp, _ln, reverse, temperature, ignore_index, backend, _red, _lead,
      chunk, _grad_enabled) = ctx.opts
-    hs, ws, bs, ht, wt, bt, tok, w, rows = ctx.saved_tensors
-    valid = tok != ignore_index
-    g_rows = grad_loss.reshape(-1).to(rows.dtype)
-    if w is not None:
-        g_rows = torch.where(valid, g_rows * w.to(rows.dtype), torch.zeros_like(g_rows))
+    hs, ws, bs, ht, wt, bt, tok, coef, rows = ctx.saved_tensors
+    # a scalar incoming gradient ("mean", "sum") or one per position ("none")
+    g_rows = coef * grad_loss.reshape(-1).to(coef.dtype)
     gh, gw, gb = _grad_buffers(need, hs, ws, bs)
     n = hs.shape[0]
     for a in range(0, n, chunk):

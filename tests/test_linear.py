@@ -99,6 +99,43 @@ def test_bfloat16_close_to_materialized():
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-3)
 
 
+def test_float16_under_a_loss_scaler():
+    # a GradScaler multiplies the loss by 65536 at first: float16 gradients must come out as
+    # the logits path gives them, not overflow (nor underflow at unit scale)
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = 8192, 16, 64  # many rows: each row's unit-scale gradient is tiny
+    hs = (0.3 * torch.randn(n, h, generator=gen)).half().requires_grad_()
+    ws = (0.3 * torch.randn(v, h, generator=gen)).half().requires_grad_()
+    ht = (0.3 * torch.randn(n, h, generator=gen)).half()
+    wt = (0.3 * torch.randn(v, h, generator=gen)).half()
+    tok = torch.randint(0, v, (n,), generator=gen)
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, chunk_size=1000,
+                                          backend="torch")
+    got = torch.autograd.grad(loss * 65536, (hs, ws))
+    ref = sk.gated_opd_loss(hs @ ws.T, ht @ wt.T, tok, backend="torch")
+    want = torch.autograd.grad(ref * 65536, (hs, ws))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float16 and torch.isfinite(g).all()
+        rel = (g.double() - w.double()).norm() / w.double().norm()
+        assert rel < 2e-3, rel  # float16 rounding, not underflow
+
+
+def test_stored_gradients_scaled_in_float32():
+    # bfloat16 gradients stored in forward, scaled by an incoming gradient that bfloat16 cannot
+    # hold exactly (1/3): one rounding of the product, not of the factor too
+    hs, ws, bs, ht, wt, bt, tok = _inputs(dtype=torch.bfloat16)
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs, teacher_bias=bt,
+                                          chunk_size=3, backend="torch")
+    unit = [g.float() for g in torch.autograd.grad(loss, (hs, ws, bs))]
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs, teacher_bias=bt,
+                                          chunk_size=3, backend="torch")
+    third = torch.autograd.grad(loss / 3, (hs, ws, bs))
+    for g, u in zip(third[:2], unit[:2]):
+        torch.testing.assert_close(g, (u / 3).to(torch.bfloat16), rtol=0, atol=0)
+    # (the bias gradient is summed in float32 and rounded once, after the scaling)
+    torch.testing.assert_close(third[2].float(), unit[2] / 3, rtol=2 ** -7, atol=0)
+
+
 def test_chunks_bound_the_logits(monkeypatch):
     seen = []
     real = linear._logits
