@@ -378,8 +378,9 @@ def gated_opd_loss(
         from . import parallel
 
         _parallel_backend(backend)
-        parallel.check_tokens_global(tok, student_logits.shape[-1]
-                                     * process_group.size(), ignore_index)
+        vocab = parallel.check_shards(student_logits.shape[-1], process_group,
+                                      student_logits.device)
+        parallel.check_tokens_global(tok, vocab, ignore_index)
         rows = parallel.rows_parallel("opd", student_logits, teacher_logits, tok, sign,
                                       group=process_group, beta=beta, lam_pos=lam_pos,
                                       lam_neg=lam_neg, reverse=reverse, temperature=temperature,
@@ -432,8 +433,9 @@ def sampled_opd_loss(
         from . import parallel
 
         _parallel_backend(backend)
-        parallel.check_tokens_global(tok, student_logits.shape[-1]
-                                     * process_group.size(), ignore_index)
+        vocab = parallel.check_shards(student_logits.shape[-1], process_group,
+                                      student_logits.device)
+        parallel.check_tokens_global(tok, vocab, ignore_index)
         rows = parallel.rows_parallel("sampled", student_logits, tlp, tok, sign,
                                       group=process_group, lam_pos=lam_pos, lam_neg=lam_neg,
                                       temperature=temperature, ignore_index=ignore_index)

@@ -3,8 +3,11 @@
 Megatron's layout: with ``W`` ranks in ``process_group`` and ``V_local``
 columns per rank, rank ``r`` holds the global columns ``[r V_local, (r + 1)
 V_local)`` of both models' logits (shards of equal width, as Megatron's
-vocabulary-parallel layers make them; a teacher shard may carry extra trailing
-columns, which are ignored). ``tokens`` are global ids.
+vocabulary-parallel layers make them; checked, on every rank alike). The
+teacher's shard must hold the same global columns as the student's: its
+first ``V_local`` columns are used and any further ones ignored. A teacher
+whose padded vocabulary is sharded at its own boundaries (``r V_T / W``)
+must be re-sharded at the student's first. ``tokens`` are global ids.
 
 Every rank computes per-row partial statistics of its shard and combines them
 with all-reduces of O(rows) size (two rounds of max and two of sums for the
@@ -29,6 +32,18 @@ from . import _rows as C
 from .reference import _chunks, _compute_dtype, _xmul, gate_lambda, sampled_delta
 
 NEG_INF = float("-inf")
+
+
+def check_shards(local_vocab: int, group, device) -> int:
+    """The global vocabulary; raises on every rank alike if the shard widths differ."""
+    w = torch.tensor([local_vocab, -local_vocab], dtype=torch.int64, device=device)
+    dist.all_reduce(w, op=dist.ReduceOp.MAX, group=group)
+    widest, narrowest = int(w[0]), -int(w[1])
+    if widest != narrowest:
+        raise ValueError(f"student_logits: the vocabulary shards of the process group have "
+                         f"different widths ({narrowest} to {widest}); shards of equal width "
+                         "are expected (rank r holds columns [r V, (r + 1) V))")
+    return local_vocab * dist.get_world_size(group=group)
 
 
 def shard_start(local_vocab: int, process_group) -> int:

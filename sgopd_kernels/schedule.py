@@ -66,7 +66,8 @@ def select_teacher_rollouts(
             rollouts of each of P prompts. Only correct ones qualify.
         group_size: G, the number of student rollouts per prompt.
         fraction: rho in [0, 1], e.g. :func:`teacher_fraction` of the step.
-        generator: a ``torch.Generator`` (on CPU) for reproducible picks.
+        generator: a ``torch.Generator`` for reproducible picks; the random keys are drawn on
+            its device.
 
     Per prompt, ``n = min(round(fraction * G), correct teacher rollouts)`` (half rounds
     up): n student rollouts chosen uniformly at random are dropped and n correct
@@ -90,8 +91,8 @@ def select_teacher_rollouts(
             or not 0.0 <= float(fraction) <= 1.0:
         raise ValueError(f"fraction: expected a number in [0, 1], got {fraction!r}")
     device = teacher_correct.device
-    if generator is not None and device.type != "cpu":
-        teacher_correct = teacher_correct.cpu()
+    if generator is not None:  # draw where the generator lives, return where the input lives
+        teacher_correct = teacher_correct.to(generator.device)
     want = math.floor(float(fraction) * group_size + 0.5)
     n = teacher_correct.sum(dim=-1).clamp(max=want)
     take = _random_pick(teacher_correct, n, generator)

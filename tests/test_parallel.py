@@ -103,6 +103,14 @@ def _worker(rank, world, path, dtype):
             assert "tokens" in str(e)
         else:
             raise AssertionError("an out-of-range token id did not raise")
+        # shards of different widths raise on every rank (none is left waiting)
+        try:
+            sk.gated_opd_loss(s[..., lo:hi - (rank == 0)], t[..., lo:hi],
+                              torch.zeros_like(tok), process_group=group)
+        except ValueError as e:
+            assert "widths" in str(e)
+        else:
+            raise AssertionError("unequal shard widths did not raise")
         try:
             sk.gated_opd_loss(s[..., lo:hi], t[..., lo:hi], tok, process_group=group,
                               backend="triton")
