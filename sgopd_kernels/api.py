@@ -378,9 +378,6 @@ def gated_opd_loss(
         from . import parallel
 
         _parallel_backend(backend)
-        vocab = parallel.check_shards(student_logits.shape[-1], process_group,
-                                      student_logits.device)
-        parallel.check_tokens_global(tok, vocab, ignore_index)
         rows = parallel.rows_parallel("opd", student_logits, teacher_logits, tok, sign,
                                       group=process_group, beta=beta, lam_pos=lam_pos,
                                       lam_neg=lam_neg, reverse=reverse, temperature=temperature,
@@ -433,9 +430,6 @@ def sampled_opd_loss(
         from . import parallel
 
         _parallel_backend(backend)
-        vocab = parallel.check_shards(student_logits.shape[-1], process_group,
-                                      student_logits.device)
-        parallel.check_tokens_global(tok, vocab, ignore_index)
         rows = parallel.rows_parallel("sampled", student_logits, tlp, tok, sign,
                                       group=process_group, lam_pos=lam_pos, lam_neg=lam_neg,
                                       temperature=temperature, ignore_index=ignore_index)

@@ -287,7 +287,14 @@ class SampledRowsParallel(torch.autograd.Function):
 
 
 def rows_parallel(kind: str, *args, group, **kw) -> Tensor:
-    """Entry point of the public API: ``kind`` is "opd" or "sampled"; the table."""
+    """Entry point of the public API: ``kind`` is "opd" or "sampled"; the table.
+
+    Checks first, the same way on every rank (so that all raise or none): equal shard
+    widths, and token ids inside the global vocabulary.
+    """
+    s, tokens = args[0], args[2]
+    vocab = check_shards(s.shape[-1], group, s.device)
+    check_tokens_global(tokens, vocab, kw["ignore_index"])
     if kind == "opd":
         s, t, tokens, sign = args
         return OPDRowsParallel.apply(s.reshape(-1, s.shape[-1]),
