@@ -237,13 +237,26 @@ def _check_process_group(group) -> None:
                         f"{type(group).__name__}")
 
 
-def _parallel_backend(backend: str) -> None:
-    """Vocabulary-parallel losses run the torch path: only "auto" and "torch" may ask for it."""
+def _parallel_backend(backend: str, x: Tensor, kernels: bool) -> str:
+    """The path of a vocabulary-parallel loss: "triton" (where ``kernels`` exist) or "torch".
+
+    "auto" takes the Triton kernels for CUDA tensors (not float64), the torch path otherwise.
+    """
     _check_choice("backend", backend, BACKENDS)
-    if backend not in ("auto", "torch"):
-        raise NotImplementedError(
-            f"backend={backend!r} with process_group: the vocabulary-parallel loss has only the "
-            "torch path so far; pass backend='torch' or 'auto'")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        fast = kernels and x.device.type == "cuda" and x.dtype != torch.float64
+        return "triton" if fast and _triton_importable() else "torch"
+    if backend == "triton" and kernels:
+        if x.dtype == torch.float64:
+            raise TypeError("student_logits: the Triton backend takes float32, bfloat16 or "
+                            "float16, got torch.float64; use backend='torch' for float64")
+        return resolve_backend("triton", x.device, x.dtype)
+    raise NotImplementedError(
+        f"backend={backend!r} with process_group: this vocabulary-parallel loss has "
+        + ("no compiled CUDA kernels; pass backend='triton', 'torch' or 'auto'" if kernels
+           else "the torch path only; pass backend='torch' or 'auto'"))
 
 
 def _common(student_logits, tokens, verifier, weights, extrapolation, interpolation,
@@ -353,7 +366,8 @@ def gated_opd_loss(
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded
             (SPEC §7): each rank passes its shard of equal width, columns
             ``[rank * V, (rank + 1) * V)`` of the global vocabulary, and global ``tokens``;
-            every rank gets the same loss and the gradient of its shard. Runs the torch path.
+            every rank gets the same loss and the gradient of its shard. CUDA tensors run the
+            Triton kernels (``"auto"``/``"triton"``), others the torch path.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -377,9 +391,9 @@ def gated_opd_loss(
     if process_group is not None:
         from . import parallel
 
-        _parallel_backend(backend)
+        path = _parallel_backend(backend, student_logits, kernels=True)
         rows = parallel.rows_parallel("opd", student_logits, teacher_logits, tok, sign,
-                                      group=process_group, beta=beta, lam_pos=lam_pos,
+                                      group=process_group, backend=path, beta=beta, lam_pos=lam_pos,
                                       lam_neg=lam_neg, reverse=reverse, temperature=temperature,
                                       ignore_index=ignore_index)
         return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
@@ -429,7 +443,7 @@ def sampled_opd_loss(
     if process_group is not None:
         from . import parallel
 
-        _parallel_backend(backend)
+        _parallel_backend(backend, student_logits, kernels=False)
         rows = parallel.rows_parallel("sampled", student_logits, tlp, tok, sign,
                                       group=process_group, lam_pos=lam_pos, lam_neg=lam_neg,
                                       temperature=temperature, ignore_index=ignore_index)

@@ -16,8 +16,12 @@ rows x vocabulary is communicated. Every rank then holds the same loss and
 statistics, and its backward writes the gradient of its own shard from the
 combined row state, without communication.
 
-This is the readable torch path (row-chunked eager PyTorch, float64 for
-float64 inputs). It runs on any device and process-group backend.
+Two paths: the readable torch path here (row-chunked eager PyTorch, float64
+for float64 inputs; any device and process-group backend; it raises on
+misuse, reading the shard widths and token ids on the host), and the Triton
+kernels of ``sgopd_kernels/triton/parallel.py`` combined by
+:func:`opd_rows_parallel_triton` (the full-logits loss only; nothing read on
+the host).
 """
 
 from __future__ import annotations
@@ -210,6 +214,96 @@ class OPDRowsParallel(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------
+# the full-logits loss on the Triton kernels (sgopd_kernels/triton/parallel.py)
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def opd_rows_parallel_triton(s, t, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
+                             temperature, ignore_index, group):
+    """The table of :func:`opd_rows_parallel` from the Triton kernels; columns 5-8 hold the
+    backward's state in base-2 scaled units (L_S, L_T, L_q, E_{p_S}[u]).
+
+    Nothing is read on the host: like the single-device kernels, a token id that no rank
+    holds makes its row's loss and gradient NaN, and shards of unequal widths make every
+    row NaN (the widths travel with the first all-reduce).
+    """
+    from .triton import parallel as K
+
+    n, vl = tokens.numel(), s.shape[-1]
+    scale2 = LOG2E / temperature
+    valid = tokens != ignore_index
+    st = K.stats(s, t, tokens, start=shard_start(vl, group), temperature=temperature,
+                 ignore_index=ignore_index)
+    # round 1 and 2: the normalizers (raw maxima, then rescaled base-2 sums) and y's logits;
+    # the last row of round 1 carries (V_local, -V_local): equal widths iff max == -max(-.)
+    width = torch.tensor([[vl, -vl]], dtype=torch.float32, device=s.device)
+    m = _all_reduce(torch.cat([st[:, [0, 2]], width]), dist.ReduceOp.MAX, group)
+    unequal = m[-1, 0] != -m[-1, 1]
+    m = m[:-1]
+    ref = _finite(m)
+    k = torch.exp2((st[:, [0, 2]] - ref) * scale2)
+    r2 = _all_reduce(torch.stack([st[:, 1] * k[:, 0], st[:, 3] * k[:, 1], st[:, 4], st[:, 5],
+                                  st[:, 6]], -1), dist.ReduceOp.SUM, group)
+    l_s = torch.where(r2[:, 0] == 0, math.inf, ref[:, 0] * scale2 + torch.log2(r2[:, 0]))
+    l_t = torch.where(r2[:, 1] == 0, math.inf, ref[:, 1] * scale2 + torch.log2(r2[:, 1]))
+    delta = sampled_delta((r2[:, 3] * scale2 - l_t) * LN2, (r2[:, 2] * scale2 - l_s) * LN2)
+    lam, g = gate_lambda(delta, sign, lam_pos, lam_neg)
+    # a token no rank holds (out of range), or shards that do not tile the vocabulary: NaN
+    lam = torch.where(unequal | (valid & (r2[:, 4] != 1)), math.nan, lam)
+    a, b = lam, 1.0 - lam + beta
+    rows = torch.zeros(n, C.ROW_K, dtype=torch.float32, device=s.device)
+    rows[:, 5], rows[:, 6], rows[:, 11], rows[:, 12] = l_s, l_t, a, b
+    # round 3 and 4: the bridge's normalizer and the expectations
+    br = K.bridge(s, t, tokens, rows, temperature=temperature, ignore_index=ignore_index)
+    m_x = _all_reduce(br[:, 0].clone(), dist.ReduceOp.MAX, group)
+    r = _finite(m_x)
+    kx = torch.exp2(br[:, 0] - r)
+    shifted = torch.where(br[:, 1] == 0, torch.zeros_like(r), br[:, 2] + (br[:, 0] - r) * br[:, 1])
+    r4 = _all_reduce(torch.stack([br[:, 1] * kx, kx * shifted, br[:, 3] * kx, br[:, 4], br[:, 5]],
+                                 -1), dist.ReduceOp.SUM, group)
+    z_x, e_s, e_t = r4[:, 0], r4[:, 3], r4[:, 4]
+    l_q = r + torch.log2(z_x)
+    if reverse:
+        loss = ((1.0 - b) * e_s - a * e_t + l_q) * LN2
+    else:
+        loss = (r4[:, 1] / z_x - torch.log2(z_x) - r4[:, 2] / z_x) * LN2
+    loss = torch.where(z_x == 0, torch.full_like(loss, math.inf), loss)
+    zero = torch.zeros_like(loss)
+    for c, v in ((C.LOSS, loss), (C.DELTA, delta), (C.GATE, g),
+                 (C.TEACHER_KL, (e_s - e_t) * LN2), (C.ENTROPY, -e_s * LN2)):
+        rows[:, c] = torch.where(valid, v, zero)
+    rows[:, 7], rows[:, 8] = l_q, (1.0 - b) * e_s - a * e_t
+    return rows
+
+
+class OPDRowsParallelTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, tokens, sign, beta, lam_pos, lam_neg, reverse, temperature,
+                ignore_index, group):
+        rows = opd_rows_parallel_triton(s, t, tokens, sign, beta=beta, lam_pos=lam_pos,
+                                        lam_neg=lam_neg, reverse=reverse,
+                                        temperature=temperature, ignore_index=ignore_index,
+                                        group=group)
+        ctx.save_for_backward(s, t, tokens, rows)
+        ctx.args = (reverse, temperature, ignore_index)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .triton import parallel as K
+
+        s, t, tokens, rows = ctx.saved_tensors
+        gs = None
+        if ctx.needs_input_grad[0]:
+            reverse, temperature, ignore_index = ctx.args
+            gs = K.backward(grad[:, C.LOSS].contiguous(), s, t, tokens, rows, reverse=reverse,
+                            temperature=temperature, ignore_index=ignore_index)
+        return (gs,) + (None,) * 10
+
+
+# ---------------------------------------------------------------------------
 # the sampled-token estimator
 
 def sampled_rows_parallel(s, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg, temperature,
@@ -286,21 +380,28 @@ class SampledRowsParallel(torch.autograd.Function):
         return (gs,) + (None,) * 8
 
 
-def rows_parallel(kind: str, *args, group, **kw) -> Tensor:
+def rows_parallel(kind: str, *args, group, backend: str = "torch", **kw) -> Tensor:
     """Entry point of the public API: ``kind`` is "opd" or "sampled"; the table.
 
-    Checks first, the same way on every rank (so that all raise or none): equal shard
-    widths, and token ids inside the global vocabulary.
+    ``backend`` "triton" runs the full-logits loss on the Triton kernels (the sampled
+    estimator has the torch path only); "torch" the readable path.
+
+    The torch path checks first, the same way on every rank (so that all raise or none):
+    equal shard widths, and token ids inside the global vocabulary. The Triton path reads
+    nothing on the host and makes the affected rows NaN instead.
     """
     s, tokens = args[0], args[2]
-    vocab = check_shards(s.shape[-1], group, s.device)
-    check_tokens_global(tokens, vocab, kw["ignore_index"])
+    if backend == "torch":  # the readable path raises on misuse (reading values on the host)
+        vocab = check_shards(s.shape[-1], group, s.device)
+        check_tokens_global(tokens, vocab, kw["ignore_index"])
     if kind == "opd":
         s, t, tokens, sign = args
+        rest = (tokens, sign, kw["beta"], kw["lam_pos"], kw["lam_neg"], kw["reverse"],
+                kw["temperature"], kw["ignore_index"], group)
+        if backend == "triton":  # the kernels read any strides in place
+            return OPDRowsParallelTriton.apply(s, t.detach(), *rest)
         return OPDRowsParallel.apply(s.reshape(-1, s.shape[-1]),
-                                     t.detach().reshape(-1, t.shape[-1]), tokens, sign,
-                                     kw["beta"], kw["lam_pos"], kw["lam_neg"], kw["reverse"],
-                                     kw["temperature"], kw["ignore_index"], group)
+                                     t.detach().reshape(-1, t.shape[-1]), *rest)
     s, tlp, tokens, sign = args
     return SampledRowsParallel.apply(s.reshape(-1, s.shape[-1]), tlp, tokens, sign,
                                      kw["lam_pos"], kw["lam_neg"], kw["temperature"],

@@ -139,3 +139,26 @@ def test_fused_linear_holds_chunks_and_reads_nothing(reduction):
     # larger than a chunk of logits, let alone the full (n, vocab)
     sizes = sorted((_numel(s), f) for f, s, _ in rec.outputs if s != (vocab, h))
     assert sizes[-1][0] <= chunk * vocab, sizes[-3:]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_vocab_parallel_triton_path_reads_nothing(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        s, t, y, v = _inputs()
+        x = s.clone().requires_grad_(True)
+        with Record() as rec:
+            loss, stats = sk.gated_opd_loss(x, t, y, v, beta=0.1, return_stats=True,
+                                            process_group=dist.group.WORLD, backend="triton")
+            loss.backward()
+        assert rec.host_reads == []
+        big = _full_size(rec, s.numel())
+        assert len(big) == 1 and big[0][1:] == (tuple(s.shape), torch.bfloat16), big
+        # (and it computes the single-device loss)
+        ref = sk.gated_opd_loss(s, t, y, v, beta=0.1, backend="triton")
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

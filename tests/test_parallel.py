@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sgopd_kernels as sk
+from conftest import needs_triton
 
 B, T, V_LOCAL, EXTRA_T = 2, 4, 7, 3
 
@@ -70,7 +71,7 @@ def _compare(ref, got, s_full, s_shard, lo, hi, tol):
         torch.testing.assert_close(g_shard, g_full[..., lo:hi], **tol, equal_nan=True)
 
 
-def _worker(rank, world, path, dtype):
+def _worker(rank, world, path, dtype, backend):
     # float64 agrees to rounding; float32 to the rounding of a different summation order
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
     try:
@@ -86,7 +87,8 @@ def _worker(rank, world, path, dtype):
             # a shard of the student; the teacher shard carries extra trailing columns
             s_shard = s[..., lo:hi].clone().requires_grad_()
             t_shard = torch.cat([t[..., lo:hi], torch.randn(B, T, EXTRA_T).to(dtype)], -1)
-            got = sk.gated_opd_loss(s_shard, t_shard, tok, process_group=group, **opts)
+            got = sk.gated_opd_loss(s_shard, t_shard, tok, process_group=group, backend=backend,
+                                    **opts)
             _compare(ref, got, s_full, s_shard, lo, hi, tol)
             # the sampled estimator
             tlp = -5 * torch.rand(B, T, generator=gen).to(dtype)
@@ -94,11 +96,12 @@ def _worker(rank, world, path, dtype):
             ref = sk.sampled_opd_loss(s_full, tlp, tok, backend="torch", **kw)
             got = sk.sampled_opd_loss(s_shard, tlp, tok, process_group=group, **kw)
             _compare(ref, got, s_full, s_shard, lo, hi, tol)
-        # a token id beyond the global vocabulary raises on every rank
+        # a token id beyond the global vocabulary raises on every rank (the torch path)
         s, t, tok, _ = _global_inputs(world, dtype, 0)
         tok[0, 0] = V_LOCAL * world
         try:
-            sk.gated_opd_loss(s[..., lo:hi], t[..., lo:hi], tok, process_group=group)
+            sk.gated_opd_loss(s[..., lo:hi], t[..., lo:hi], tok, process_group=group,
+                              backend="torch")
         except ValueError as e:
             assert "tokens" in str(e)
         else:
@@ -106,18 +109,27 @@ def _worker(rank, world, path, dtype):
         # shards of different widths raise on every rank (none is left waiting)
         try:
             sk.gated_opd_loss(s[..., lo:hi - (rank == 0)], t[..., lo:hi],
-                              torch.zeros_like(tok), process_group=group)
+                              torch.zeros_like(tok), process_group=group, backend="torch")
         except ValueError as e:
             assert "widths" in str(e)
         else:
             raise AssertionError("unequal shard widths did not raise")
-        try:
-            sk.gated_opd_loss(s[..., lo:hi], t[..., lo:hi], tok, process_group=group,
-                              backend="triton")
-        except NotImplementedError as e:
-            assert "process_group" in str(e)
-        else:
-            raise AssertionError("backend='triton' with process_group did not raise")
+        if backend == "triton":  # no host reads there: the affected rows are NaN instead
+            loss = sk.gated_opd_loss(s[..., lo:hi], t[..., lo:hi], tok, process_group=group,
+                                     backend=backend, reduction="none")
+            assert torch.isnan(loss[0, 0]) and not torch.isnan(loss[0, 1:]).any()
+            loss = sk.gated_opd_loss(s[..., lo:hi - (rank == 0)], t[..., lo:hi],
+                                     torch.zeros_like(tok), process_group=group,
+                                     backend=backend, reduction="none")
+            assert torch.isnan(loss).all()
+        for fn, other, name in ((sk.gated_opd_loss, t[..., lo:hi], "cuda"),
+                                (sk.sampled_opd_loss, t[..., 0], "triton")):
+            try:
+                fn(s[..., lo:hi], other, tok, process_group=group, backend=name)
+            except NotImplementedError as e:
+                assert "process_group" in str(e)
+            else:
+                raise AssertionError(f"backend={name!r} with process_group did not raise")
     except Exception:
         traceback.print_exc()
         raise
@@ -127,8 +139,12 @@ def _worker(rank, world, path, dtype):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("world,dtype", [(2, torch.float64), (3, torch.float32)])
-def test_vocab_parallel_matches_single_process(world, dtype):
+@pytest.mark.parametrize("world,dtype,backend", [
+    (2, torch.float64, "torch"), (3, torch.float32, "torch"),
+    pytest.param(2, torch.float32, "triton", marks=needs_triton),
+    pytest.param(3, torch.float32, "triton", marks=needs_triton)])
+def test_vocab_parallel_matches_single_process(world, dtype, backend):
+    # (without a GPU the Triton kernels run interpreted: the workers inherit TRITON_INTERPRET)
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "rendezvous"), dtype), nprocs=world,
-                 join=True)
+        mp.spawn(_worker, args=(world, os.path.join(d, "rendezvous"), dtype, backend),
+                 nprocs=world, join=True)

@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from sgopd_kernels import _rows as C  # noqa: E402
-from sgopd_kernels.triton import logits, sampled  # noqa: E402
+from sgopd_kernels.triton import logits, parallel, sampled  # noqa: E402
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 
@@ -67,6 +67,27 @@ def specializations():
                      ROW_K=C.SAMPLED_ROW_K)
         yield (f"sampled_fwd {dt} gate={gate}", sampled._sampled_fwd_kernel, names, types, const,
                sampled.NUM_WARPS)
+    strides = ["s_d1", "s_st0", "s_st1", "s_stv", "t_d1", "t_st0", "t_st1", "t_stv"]
+    stride_types = [i, "i64", "i64", i, i, "i64", "i64", i]
+    for dt, strided in itertools.product(("bf16", "fp32"), (False, True)):
+        p = DTYPES[dt]
+        yield (f"tp_stats {dt} strided={strided}", parallel._tp_stats_kernel,
+               ["S", "T", "TOK", "OUT", "V", "start"] + strides + ["scale2", "ignore_index"],
+               [p, p, "*i64", "*fp32", i, "i64"] + stride_types + [f, "i64"],
+               dict(STRIDED_V=strided, BLOCK_V=parallel.BLOCK_V, K=parallel.STATS_K),
+               parallel.NUM_WARPS)
+        yield (f"tp_bridge {dt} strided={strided}", parallel._tp_bridge_kernel,
+               ["S", "T", "TOK", "ROWS", "OUT", "V"] + strides + ["scale2", "ignore_index"],
+               [p, p, "*i64", "*fp32", "*fp32", i] + stride_types + [f, "i64"],
+               dict(STRIDED_V=strided, BLOCK_V=parallel.BLOCK_V, ROW_K=C.ROW_K,
+                    K=parallel.BRIDGE_K), parallel.NUM_WARPS)
+        for rev in (False, True):
+            yield (f"tp_bwd {dt} rev={rev} strided={strided}", parallel._tp_bwd_kernel,
+                   ["S", "T", "TOK", "ROWS", "GROW", "DS", "V"] + strides
+                   + ["scale2", "inv_temp", "ignore_index"],
+                   [p, p, "*i64", "*fp32", "*fp32", p, i] + stride_types + [f, f, "i64"],
+                   dict(REVERSE=rev, STRIDED_V=strided, BLOCK_V=parallel.BLOCK_V,
+                        ROW_K=C.ROW_K), parallel.NUM_WARPS)
     for dt in ("bf16", "fp32"):
         p = DTYPES[dt]
         names = ["S", "TOK", "ROWS", "GROW", "DS", "V", "s_d1", "s_st0", "s_st1", "s_stv",
