@@ -237,22 +237,24 @@ def _check_process_group(group) -> None:
                         f"{type(group).__name__}")
 
 
-def _parallel_backend(backend: str, x: Tensor, kernels: bool) -> str:
+def _parallel_backend(backend: str, device: torch.device, dtype: torch.dtype,
+                      kernels: bool) -> str:
     """The path of a vocabulary-parallel loss: "triton" (where ``kernels`` exist) or "torch".
 
-    "auto" takes the Triton kernels for CUDA tensors (not float64), the torch path otherwise.
+    "auto" takes the Triton kernels for CUDA tensors (float64 inputs excepted), the torch
+    path otherwise; ``dtype`` is the inputs' promoted dtype.
     """
     _check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        fast = kernels and x.device.type == "cuda" and x.dtype != torch.float64
+        fast = kernels and device.type == "cuda" and dtype != torch.float64
         return "triton" if fast and _triton_importable() else "torch"
     if backend == "triton" and kernels:
-        if x.dtype == torch.float64:
+        if dtype == torch.float64:
             raise TypeError("student_logits: the Triton backend takes float32, bfloat16 or "
-                            "float16, got torch.float64; use backend='torch' for float64")
-        return resolve_backend("triton", x.device, x.dtype)
+                            "float16 logits, got float64; use backend='torch' for float64")
+        return resolve_backend("triton", device, dtype)
     raise NotImplementedError(
         f"backend={backend!r} with process_group: this vocabulary-parallel loss has "
         + ("no compiled CUDA kernels; pass backend='triton', 'torch' or 'auto'" if kernels
@@ -391,7 +393,8 @@ def gated_opd_loss(
     if process_group is not None:
         from . import parallel
 
-        path = _parallel_backend(backend, student_logits, kernels=True)
+        path = _parallel_backend(backend, student_logits.device, torch.promote_types(
+            student_logits.dtype, teacher_logits.dtype), kernels=True)
         rows = parallel.rows_parallel("opd", student_logits, teacher_logits, tok, sign,
                                       group=process_group, backend=path, beta=beta, lam_pos=lam_pos,
                                       lam_neg=lam_neg, reverse=reverse, temperature=temperature,
@@ -443,7 +446,7 @@ def sampled_opd_loss(
     if process_group is not None:
         from . import parallel
 
-        _parallel_backend(backend, student_logits, kernels=False)
+        _parallel_backend(backend, student_logits.device, student_logits.dtype, kernels=False)
         rows = parallel.rows_parallel("sampled", student_logits, tlp, tok, sign,
                                       group=process_group, lam_pos=lam_pos, lam_neg=lam_neg,
                                       temperature=temperature, ignore_index=ignore_index)

@@ -222,12 +222,13 @@ LN2 = 0.6931471805599453
 
 def opd_rows_parallel_triton(s, t, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
                              temperature, ignore_index, group):
-    """The table of :func:`opd_rows_parallel` from the Triton kernels; columns 5-8 hold the
-    backward's state in base-2 scaled units (L_S, L_T, L_q, E_{p_S}[u]).
+    """The single-device Triton row table (``_rows.py``) of a vocabulary-sharded row.
 
-    Nothing is read on the host: like the single-device kernels, a token id that no rank
-    holds makes its row's loss and gradient NaN, and shards of unequal widths make every
-    row NaN (the widths travel with the first all-reduce).
+    Frame of the row's linear sums: the student's global maximum and the teacher's logit
+    at that token (the single-device kernels' centring). Nothing is read on the host: like
+    the single-device kernels, a token id that no rank holds makes its row's loss and
+    gradient NaN, and shards of unequal widths make every row NaN (the widths travel with
+    the first all-reduce).
     """
     from .triton import parallel as K
 
@@ -236,45 +237,66 @@ def opd_rows_parallel_triton(s, t, tokens, sign, *, beta, lam_pos, lam_neg, reve
     valid = tokens != ignore_index
     st = K.stats(s, t, tokens, start=shard_start(vl, group), temperature=temperature,
                  ignore_index=ignore_index)
-    # round 1 and 2: the normalizers (raw maxima, then rescaled base-2 sums) and y's logits;
-    # the last row of round 1 carries (V_local, -V_local): equal widths iff max == -max(-.)
-    width = torch.tensor([[vl, -vl]], dtype=torch.float32, device=s.device)
+    # round 1: raw maxima; its last row carries (V_local, -V_local): equal widths iff the
+    # two maxima are opposite
+    width = st.new_full((1, 2), float(vl))
+    width[:, 1] = -vl
     m = _all_reduce(torch.cat([st[:, [0, 2]], width]), dist.ReduceOp.MAX, group)
     unequal = m[-1, 0] != -m[-1, 1]
-    m = m[:-1]
-    ref = _finite(m)
-    k = torch.exp2((st[:, [0, 2]] - ref) * scale2)
-    r2 = _all_reduce(torch.stack([st[:, 1] * k[:, 0], st[:, 3] * k[:, 1], st[:, 4], st[:, 5],
-                                  st[:, 6]], -1), dist.ReduceOp.SUM, group)
-    l_s = torch.where(r2[:, 0] == 0, math.inf, ref[:, 0] * scale2 + torch.log2(r2[:, 0]))
-    l_t = torch.where(r2[:, 1] == 0, math.inf, ref[:, 1] * scale2 + torch.log2(r2[:, 1]))
-    delta = sampled_delta((r2[:, 3] * scale2 - l_t) * LN2, (r2[:, 2] * scale2 - l_s) * LN2)
+    r_s, r_t = _finite(m[:-1, 0]), _finite(m[:-1, 1])
+    # round 2: rescaled sums, y's logits from its holder, the teacher at the student's argmax
+    tie = (st[:, 0] == m[:-1, 0]) & (st[:, 0] != NEG_INF)
+    r2 = _all_reduce(torch.stack([
+        st[:, 1] * torch.exp2((st[:, 0] - r_s) * scale2),
+        st[:, 3] * torch.exp2((st[:, 2] - r_t) * scale2),
+        st[:, 4], st[:, 5], st[:, 6],
+        torch.where(tie, st[:, 7], torch.zeros_like(r_s)), tie.to(torch.float32)], -1),
+        dist.ReduceOp.SUM, group)
+    lz_s = torch.where(r2[:, 0] == 0, math.inf, torch.log2(r2[:, 0]))  # no support: lp = -inf
+    lz_t = torch.where(r2[:, 1] == 0, math.inf, torch.log2(r2[:, 1]))
+    f_t = r2[:, 5] / r2[:, 6].clamp(min=1)  # (the mean over ranks whose maxima tie)
+    f_t = torch.where(torch.isfinite(f_t) & (r2[:, 6] > 0), f_t, r_t)
+    f_s = r_s
+    lps_y = (r2[:, 2] - r_s) * scale2 - lz_s  # base 2
+    lpt_y = (r2[:, 3] - r_t) * scale2 - lz_t
+    delta = sampled_delta(lpt_y * LN2, lps_y * LN2)
     lam, g = gate_lambda(delta, sign, lam_pos, lam_neg)
     # a token no rank holds (out of range), or shards that do not tile the vocabulary: NaN
     lam = torch.where(unequal | (valid & (r2[:, 4] != 1)), math.nan, lam)
     a, b = lam, 1.0 - lam + beta
     rows = torch.zeros(n, C.ROW_K, dtype=torch.float32, device=s.device)
-    rows[:, 5], rows[:, 6], rows[:, 11], rows[:, 12] = l_s, l_t, a, b
-    # round 3 and 4: the bridge's normalizer and the expectations
+    rows[:, C.REF_S], rows[:, C.LOG2Z_S], rows[:, C.FRAME_S], rows[:, C.FRAME_T] = \
+        r_s, lz_s, f_s, f_t
+    rows[:, C.A], rows[:, C.B] = a, b
+    # round 3 and 4: the bridge's maximum, then its sums and the student's means
     br = K.bridge(s, t, tokens, rows, temperature=temperature, ignore_index=ignore_index)
     m_x = _all_reduce(br[:, 0].clone(), dist.ReduceOp.MAX, group)
-    r = _finite(m_x)
-    kx = torch.exp2(br[:, 0] - r)
-    shifted = torch.where(br[:, 1] == 0, torch.zeros_like(r), br[:, 2] + (br[:, 0] - r) * br[:, 1])
-    r4 = _all_reduce(torch.stack([br[:, 1] * kx, kx * shifted, br[:, 3] * kx, br[:, 4], br[:, 5]],
-                                 -1), dist.ReduceOp.SUM, group)
-    z_x, e_s, e_t = r4[:, 0], r4[:, 3], r4[:, 4]
-    l_q = r + torch.log2(z_x)
-    if reverse:
-        loss = ((1.0 - b) * e_s - a * e_t + l_q) * LN2
+    m_c = _finite(m_x)
+    k = torch.exp2(br[:, 0] - m_c)
+    shifted = torch.where(br[:, 1] == 0, torch.zeros_like(m_c), br[:, 2] + (br[:, 0] - m_c)
+                          * br[:, 1])
+    r4 = _all_reduce(torch.stack([br[:, 1] * k, k * shifted, br[:, 3] * k, br[:, 4], br[:, 5],
+                                  br[:, 6]], -1), dist.ReduceOp.SUM, group)
+    z_c, p_sum = r4[:, 0], r4[:, 3]
+    lz_c = torch.log2(z_c)
+    no_p = p_sum == 0  # a student without support: its expectations are 0
+    mean_s = torch.where(no_p, torch.zeros_like(p_sum), r4[:, 4] / p_sum)
+    mean_t = torch.where(no_p, torch.zeros_like(p_sum), r4[:, 5] / p_sum)
+    off_s = (f_s - r_s) * scale2 - lz_s  # lp_S = sf + off_s (base 2)
+    off_t = (f_t - r_t) * scale2 - lz_t
+    elp_s = torch.where(no_p, torch.zeros_like(p_sum), mean_s + off_s)
+    elp_t = torch.where(no_p, torch.zeros_like(p_sum), mean_t + off_t)
+    if reverse:  # as in the single-device kernel
+        loss = (1.0 - b) * elp_s - a * elp_t + (m_c + lz_c + a * off_t + b * off_s)
     else:
-        loss = (r4[:, 1] / z_x - torch.log2(z_x) - r4[:, 2] / z_x) * LN2
-    loss = torch.where(z_x == 0, torch.full_like(loss, math.inf), loss)
+        loss = (r4[:, 1] / z_c - lz_c) - (r4[:, 2] / z_c + off_s)
+    loss = torch.where(z_c == 0, torch.full_like(loss, math.inf), loss * LN2)
     zero = torch.zeros_like(loss)
     for c, v in ((C.LOSS, loss), (C.DELTA, delta), (C.GATE, g),
-                 (C.TEACHER_KL, (e_s - e_t) * LN2), (C.ENTROPY, -e_s * LN2)):
+                 (C.TEACHER_KL, (elp_s - elp_t) * LN2), (C.ENTROPY, -elp_s * LN2)):
         rows[:, c] = torch.where(valid, v, zero)
-    rows[:, 7], rows[:, 8] = l_q, (1.0 - b) * e_s - a * e_t
+    rows[:, C.MEAN_S], rows[:, C.MEAN_T] = mean_s, mean_t
+    rows[:, C.MAX_Q], rows[:, C.LOG2Z_Q] = m_c, lz_c
     return rows
 
 
@@ -292,14 +314,15 @@ class OPDRowsParallelTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .triton import parallel as K
+        from .triton import logits as K
 
         s, t, tokens, rows = ctx.saved_tensors
         gs = None
         if ctx.needs_input_grad[0]:
             reverse, temperature, ignore_index = ctx.args
-            gs = K.backward(grad[:, C.LOSS].contiguous(), s, t, tokens, rows, reverse=reverse,
-                            temperature=temperature, ignore_index=ignore_index)
+            gs = K.opd_rows_backward(grad[:, C.LOSS].contiguous(), s, t, tokens, rows,
+                                     reverse=reverse, temperature=temperature,
+                                     ignore_index=ignore_index, local_tokens=False)
         return (gs,) + (None,) * 10
 
 

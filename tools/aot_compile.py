@@ -49,15 +49,17 @@ def specializations():
                      BLOCK_V=logits.FWD_BLOCK_V, ROW_K=C.ROW_K)
         yield (f"opd_fwd {dt} gate={gate} rev={rev} strided={strided}",
                logits._opd_fwd_kernel, names, types, const, logits.FWD_WARPS)
-    for dt, rev, strided in itertools.product(("bf16", "fp32"), (False, True), (False, True)):
+    for dt, rev, strided, local in itertools.product(("bf16", "fp32"), (False, True),
+                                                     (False, True), (True, False)):
         p = DTYPES[dt]
         names = ["S", "T", "TOK", "ROWS", "GROW", "DS", "V", "s_d1", "s_st0", "s_st1", "s_stv",
                  "t_d1", "t_st0", "t_st1", "t_stv", "scale2", "inv_temp", "ignore_index"]
         types = [p, p, "*i64", "*fp32", "*fp32", p, i, i, "i64", "i64", i, i, "i64", "i64", i,
                  f, f, "i64"]
-        const = dict(REVERSE=rev, STRIDED_V=strided, BLOCK_V=logits.BWD_BLOCK_V, ROW_K=C.ROW_K)
-        yield (f"opd_bwd {dt} rev={rev} strided={strided}", logits._opd_bwd_kernel, names, types,
-               const, logits.BWD_WARPS)
+        const = dict(REVERSE=rev, STRIDED_V=strided, BLOCK_V=logits.BWD_BLOCK_V, ROW_K=C.ROW_K,
+                     LOCAL_TOKENS=local)  # False: a vocabulary shard's backward
+        yield (f"opd_bwd {dt} rev={rev} strided={strided} local_tokens={local}",
+               logits._opd_bwd_kernel, names, types, const, logits.BWD_WARPS)
     for dt, gate in itertools.product(("bf16", "fp32"), (False, True)):
         p = DTYPES[dt]
         names = ["S", "TLP", "TOK", "SIG", "OUT", "V", "s_d1", "s_st0", "s_st1", "s_stv", "scale2",
@@ -81,13 +83,6 @@ def specializations():
                [p, p, "*i64", "*fp32", "*fp32", i] + stride_types + [f, "i64"],
                dict(STRIDED_V=strided, BLOCK_V=parallel.BLOCK_V, ROW_K=C.ROW_K,
                     K=parallel.BRIDGE_K), parallel.NUM_WARPS)
-        for rev in (False, True):
-            yield (f"tp_bwd {dt} rev={rev} strided={strided}", parallel._tp_bwd_kernel,
-                   ["S", "T", "TOK", "ROWS", "GROW", "DS", "V"] + strides
-                   + ["scale2", "inv_temp", "ignore_index"],
-                   [p, p, "*i64", "*fp32", "*fp32", p, i] + stride_types + [f, f, "i64"],
-                   dict(REVERSE=rev, STRIDED_V=strided, BLOCK_V=parallel.BLOCK_V,
-                        ROW_K=C.ROW_K), parallel.NUM_WARPS)
     for dt in ("bf16", "fp32"):
         p = DTYPES[dt]
         names = ["S", "TOK", "ROWS", "GROW", "DS", "V", "s_d1", "s_st0", "s_st1", "s_stv",

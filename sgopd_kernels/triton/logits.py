@@ -320,12 +320,14 @@ def _opd_bwd_kernel(
     t_d1, t_st0, t_st1, t_stv,
     scale2, inv_temp, ignore_index,
     REVERSE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
-    ROW_K: tl.constexpr,
+    ROW_K: tl.constexpr, LOCAL_TOKENS: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
+    if not LOCAL_TOKENS:  # global ids of a vocabulary shard: the forward made bad rows NaN
+        y_ok = valid
     gr = tl.load(GROW + row)
     st = ROWS + row * ROW_K
     r_s = tl.load(st + 5)
@@ -399,8 +401,12 @@ def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
 
 
 def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, temperature,
-                      ignore_index, block_v=None, num_warps=None):
-    """Backward: d loss / d student logits, contiguous, the student's dtype and shape."""
+                      ignore_index, block_v=None, num_warps=None, local_tokens=True):
+    """Backward: d loss / d student logits, contiguous, the student's dtype and shape.
+
+    ``local_tokens=False``: the ids are global ids of a vocabulary shard (the table of the
+    vocabulary-parallel forward), not checked against this shard's columns.
+    """
     vocab = student.shape[-1]
     ls = row_layout(student)
     lt = row_layout(teacher)
@@ -414,6 +420,6 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, tem
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / temperature, 1.0 / temperature, int(ignore_index),
         REVERSE=bool(reverse), STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
-        ROW_K=C.ROW_K, num_warps=num_warps or BWD_WARPS,
+        ROW_K=C.ROW_K, LOCAL_TOKENS=bool(local_tokens), num_warps=num_warps or BWD_WARPS,
     )
     return grad

@@ -1,23 +1,22 @@
 """Triton kernels of the vocabulary-parallel loss (SPEC §7): each rank reads its shard.
 
-Three kernels, each one streaming pass over this rank's shard of both models'
-logits, and O(rows) all-reduces between them (``sgopd_kernels.parallel``
-combines):
+Two forward kernels, each one streaming pass over this rank's shard of both
+models' logits, with O(rows) all-reduces between them and after them
+(``sgopd_kernels.parallel`` combines):
 
 1. ``_tp_stats_kernel``: per row, the online (max, sum 2^(s - max)) of both
-   models in raw units, and the sampled token's raw logits where this rank
-   holds it. Combined: the global log-normalizers L_S, L_T (base 2, scaled
-   units), then delta, the gate and the bridge coefficients a, b.
-2. ``_tp_bridge_kernel``: with L_S, L_T, a, b known, per row the online
-   (max, sum) of the bridge x = a lp_T + b lp_S (base 2) on the joint support,
-   sum 2^(x - max)(x - max), sum 2^(x - max) lp_S, E_{p_S}[lp_S] and
-   E_{p_S}[lp_T]. Combined: L_q, the loss and the statistics.
-3. ``_tp_bwd_kernel``: a 2-D grid writing this shard's gradient from the
-   combined row state, without communication.
+   models in raw units, the teacher's logit at the shard's best student token,
+   and the sampled token's raw logits where this shard holds it. Combined:
+   both normalizers, delta, the gate, the bridge coefficients, and the row's
+   frame: the student's global maximum and the teacher's logit there.
+2. ``_tp_bridge_kernel``: against that frame (the single-device kernels'
+   centring, so near-converged rows keep their precision), the student's
+   probability mass and the two frame-relative means, and the online (max, sum)
+   of the bridge x = a (t - f_t) + b (s - f_s) with the forward-KL sums.
+   Combined: the loss, the statistics, and the single-device row table.
 
-Log-probabilities are formed against the global normalizers, the way eager
-PyTorch forms them (the single-device kernels' frame is per row and would not
-survive the combination across ranks); the forward reads each shard twice.
+The backward is the single-device backward kernel (``logits._opd_bwd_kernel``)
+on that table, without communication.
 """
 
 from __future__ import annotations
@@ -26,14 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .logits import LOG2E, _cand_update, _load_row_block
+from .logits import LOG2E, _bridge, _cand_update, _load_row_block
 from ._layout import row_layout
 
-# per-row outputs of the two forward kernels
-STATS_K = 7   # m_s, z_s, m_t, z_t, s_y, t_y, 1 where this shard holds y
-BRIDGE_K = 6  # m_x, z_x, ax, as, e_s, e_t
-# the backward's row state, written by the combination (sgopd_kernels.parallel)
-L_S, L_T, L_Q, E_U, A, B = 5, 6, 7, 8, 11, 12
+STATS_K = 8   # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, t at argmax s
+BRIDGE_K = 7  # m_x, z_x, ax, as, sum p, sum p sf, sum p tf
 BLOCK_V = 4096
 NUM_WARPS = 8
 
@@ -72,11 +68,16 @@ def _tp_stats_kernel(
     m_t = zero + float("-inf")
     z_s = zero
     z_t = zero
+    t_best = zero  # the teacher's raw logit at the best student token so far
     offs = tl.arange(0, BLOCK_V)
     for lo in range(0, n_cols, BLOCK_V):
         cols = lo + offs
-        m_s, z_s = _online(_load_row_block(s_row, cols, s_stv, V, STRIDED_V), m_s, z_s, scale2)
-        m_t, z_t = _online(_load_row_block(t_row, cols, t_stv, V, STRIDED_V), m_t, z_t, scale2)
+        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
+        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
+        t_at = tl.sum(tl.where(offs == tl.argmax(raw_s, 0), raw_t, 0.0), 0)
+        t_best = tl.where(tl.max(raw_s, 0) > m_s, t_at, t_best)
+        m_s, z_s = _online(raw_s, m_s, z_s, scale2)
+        m_t, z_t = _online(raw_t, m_t, z_t, scale2)
     yl = y - start  # this shard's column of the sampled token, if it holds it
     own = valid & (yl >= 0) & (yl < V)
     yl = tl.where(own, yl, 0)
@@ -90,6 +91,7 @@ def _tp_stats_kernel(
     tl.store(out + 4, s_y)
     tl.store(out + 5, t_y)
     tl.store(out + 6, own.to(tl.float32))
+    tl.store(out + 7, t_best)
 
 
 @triton.jit
@@ -104,9 +106,11 @@ def _tp_bridge_kernel(
     s_row, t_row = _row_ptrs(S, T, row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1)
     y = tl.load(TOK + row).to(tl.int64)
     n_cols = tl.where(y != ignore_index, V, 0)
-    st = ROWS + row * ROW_K
-    l_s = tl.load(st + 5)
-    l_t = tl.load(st + 6)
+    st = ROWS + row * ROW_K  # the single-device table's columns (sgopd_kernels/_rows.py)
+    r_s = tl.load(st + 5)
+    lz_s = tl.load(st + 6)
+    f_s = tl.load(st + 7)
+    f_t = tl.load(st + 8)
     a = tl.load(st + 11)
     b = tl.load(st + 12)
     zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)
@@ -114,122 +118,57 @@ def _tp_bridge_kernel(
     z_x = zero
     ax = zero
     a_s = zero
-    e_s = zero
-    e_t = zero
+    p_sum = zero
+    p_sf = zero
+    p_tf = zero
     offs = tl.arange(0, BLOCK_V)
     for lo in range(0, n_cols, BLOCK_V):
         cols = lo + offs
         raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
         raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
-        ls = raw_s * scale2 - l_s  # base-2 log-probabilities
-        lt = raw_t * scale2 - l_t
-        p = tl.exp2(ls)
-        e_s += tl.sum(tl.where(p == 0.0, 0.0, p * ls), 0)
-        e_t += tl.sum(tl.where(p == 0.0, 0.0, p * lt), 0)
-        support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
-        x = tl.where(support, a * lt + b * ls, NEG_INF)
-        m_x, z_x, ax, a_s = _cand_update(x, m_x, z_x, ax, a_s, ls, True)
+        sf = (raw_s - f_s) * scale2
+        tf = (raw_t - f_t) * scale2
+        p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
+        p_sum += tl.sum(p, 0)
+        p_sf += tl.sum(tl.where(p == 0.0, 0.0, p * sf), 0)
+        p_tf += tl.sum(tl.where(p == 0.0, 0.0, p * tf), 0)
+        x = _bridge(tf, sf, a, b, (raw_s != NEG_INF) & (raw_t != NEG_INF))
+        m_x, z_x, ax, a_s = _cand_update(x, m_x, z_x, ax, a_s, sf, True)
     out = OUT + row * K
     tl.store(out + 0, m_x)
     tl.store(out + 1, z_x)
     tl.store(out + 2, ax)
     tl.store(out + 3, a_s)
-    tl.store(out + 4, e_s)
-    tl.store(out + 5, e_t)
-
-
-@triton.jit
-def _tp_bwd_kernel(
-    S, T, TOK, ROWS, GROW, DS, V,
-    s_d1, s_st0, s_st1, s_stv, t_d1, t_st0, t_st1, t_stv,
-    scale2, inv_temp, ignore_index,
-    REVERSE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
-    ROW_K: tl.constexpr,
-):
-    NEG_INF: tl.constexpr = float("-inf")
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    s_row, t_row = _row_ptrs(S, T, row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1)
-    valid = tl.load(TOK + row) != ignore_index
-    gr = tl.load(GROW + row)
-    st = ROWS + row * ROW_K
-    l_s = tl.load(st + 5)
-    l_t = tl.load(st + 6)
-    l_q = tl.load(st + 7)
-    e_u = tl.load(st + 8)
-    a = tl.load(st + 11)
-    b = tl.load(st + 12)
-    raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-    raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
-    ls = raw_s * scale2 - l_s
-    lt = raw_t * scale2 - l_t
-    p = tl.exp2(ls)
-    if REVERSE:  # p (u - E_p[u]), u = (1 - b) lp_S - a lp_T (base 2: times ln 2)
-        gv = tl.where(p == 0.0, 0.0, p * ((1.0 - b) * ls - a * lt - e_u)) \
-            * (0.6931471805599453 * inv_temp)
-    else:  # p - q
-        x = tl.where((raw_s != NEG_INF) & (raw_t != NEG_INF), a * lt + b * ls, NEG_INF)
-        gv = (p - tl.exp2(x - l_q)) * inv_temp
-    gv = tl.where(valid, gv * gr, 0.0)
-    tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
+    tl.store(out + 4, p_sum)
+    tl.store(out + 5, p_sf)
+    tl.store(out + 6, p_tf)
 
 
 # ---------------------------------------------------------------------------
 # launchers (s: this rank's student shard (..., V); t: the teacher's, (..., >= V))
 
-def _layouts(s, t):
-    return row_layout(s), row_layout(t)
-
-
-def _args(ls, lt):
-    return (ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv)
-
-
-def _block(vocab):
-    return min(BLOCK_V, triton.next_power_of_2(vocab))
+def _launch(kernel, s, t, tokens, extra, k, temperature, ignore_index, **const):
+    vocab = s.shape[-1]
+    ls, lt = row_layout(s), row_layout(t)
+    n = tokens.numel()
+    out = torch.empty(n, k, dtype=torch.float32, device=s.device)
+    if n:
+        kernel[(n,)](
+            ls.tensor, lt.tensor, tokens, *extra, out, vocab, *const.pop("start", ()),
+            ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
+            LOG2E / temperature, int(ignore_index), STRIDED_V=ls.stv != 1 or lt.stv != 1,
+            BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)), K=k, num_warps=NUM_WARPS,
+            **const)
+    return out
 
 
 def stats(s, t, tokens, *, start, temperature, ignore_index):
-    """(N, STATS_K) float32: m_s, z_s, m_t, z_t (raw max, base-2 sums), s[y], t[y] and 1
-    where this shard holds y (0 otherwise)."""
-    vocab = s.shape[-1]
-    ls, lt = _layouts(s, t)
-    n = tokens.numel()
-    out = torch.empty(n, STATS_K, dtype=torch.float32, device=s.device)
-    if n:
-        _tp_stats_kernel[(n,)](
-            ls.tensor, lt.tensor, tokens, out, vocab, int(start), *_args(ls, lt),
-            LOG2E / temperature, int(ignore_index), STRIDED_V=ls.stv != 1 or lt.stv != 1,
-            BLOCK_V=_block(vocab), K=STATS_K, num_warps=NUM_WARPS)
-    return out
+    """(N, STATS_K) float32 per-row partial statistics of this shard (see the kernel)."""
+    return _launch(_tp_stats_kernel, s, t, tokens, (), STATS_K, temperature, ignore_index,
+                   start=(int(start),))
 
 
 def bridge(s, t, tokens, rows, *, temperature, ignore_index):
-    """(N, BRIDGE_K) float32 from the row state's L_S, L_T, A, B (columns of ``rows``)."""
-    vocab = s.shape[-1]
-    ls, lt = _layouts(s, t)
-    n = tokens.numel()
-    out = torch.empty(n, BRIDGE_K, dtype=torch.float32, device=s.device)
-    if n:
-        _tp_bridge_kernel[(n,)](
-            ls.tensor, lt.tensor, tokens, rows, out, vocab, *_args(ls, lt),
-            LOG2E / temperature, int(ignore_index), STRIDED_V=ls.stv != 1 or lt.stv != 1,
-            BLOCK_V=_block(vocab), ROW_K=rows.shape[1], K=BRIDGE_K, num_warps=NUM_WARPS)
-    return out
-
-
-def backward(grad_rows, s, t, tokens, rows, *, reverse, temperature, ignore_index):
-    """This shard's d loss / d student logits, contiguous, the student's dtype and shape."""
-    vocab = s.shape[-1]
-    ls, lt = _layouts(s, t)
-    n = tokens.numel()
-    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-    if n == 0:
-        return grad
-    block = _block(vocab)
-    _tp_bwd_kernel[(n, triton.cdiv(vocab, block))](
-        ls.tensor, lt.tensor, tokens, rows, grad_rows.float().contiguous(), grad, vocab,
-        *_args(ls, lt), LOG2E / temperature, 1.0 / temperature, int(ignore_index),
-        REVERSE=bool(reverse), STRIDED_V=ls.stv != 1 or lt.stv != 1, BLOCK_V=block,
-        ROW_K=rows.shape[1], num_warps=NUM_WARPS)
-    return grad
+    """(N, BRIDGE_K) float32 from the table's REF_S, LOG2Z_S, FRAME_S, FRAME_T, A, B."""
+    return _launch(_tp_bridge_kernel, s, t, tokens, (rows,), BRIDGE_K, temperature,
+                   ignore_index, ROW_K=rows.shape[1])
