@@ -263,6 +263,31 @@ def test_no_host_sync_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@needs_cuda
+@pytest.mark.skipif(not torch.distributed.is_available() or
+                    not torch.distributed.is_nccl_available(), reason="needs NCCL")
+def test_no_host_sync_on_cuda_vocab_parallel(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        s, t, y = _inputs(shape=(4, 8), vocab=1000)
+        s, t, y = s.cuda().requires_grad_(True), t.cuda(), y.cuda()
+        v = torch.tensor([True, False, True, False], device="cuda")
+        kw = dict(process_group=dist.group.WORLD, return_stats=True)
+        sk.gated_opd_loss(s, t, y, v, **kw)[0].backward()  # warm up (compilation)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, stats = sk.gated_opd_loss(s, t, y, v, **kw)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_mean_counts_unmasked_positions_only():
     s, t, y = _inputs(shape=(3, 4))
     y[0] = -100
