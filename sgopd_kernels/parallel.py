@@ -191,14 +191,17 @@ def opd_rows_parallel_backward(grad_rows, s, t, tokens, rows, *, reverse, temper
 
 
 class OPDRowsParallel(torch.autograd.Function):
+    """The full-logits loss of a vocabulary shard; ``path`` "torch" or "triton"."""
+
     @staticmethod
     def forward(ctx, s, t, tokens, sign, beta, lam_pos, lam_neg, reverse, temperature,
-                ignore_index, group):
-        rows = opd_rows_parallel(s, t, tokens, sign, beta=beta, lam_pos=lam_pos,
-                                 lam_neg=lam_neg, reverse=reverse, temperature=temperature,
-                                 ignore_index=ignore_index, group=group)
+                ignore_index, group, path):
+        rows_fn = opd_rows_parallel_triton if path == "triton" else opd_rows_parallel
+        rows = rows_fn(s, t, tokens, sign, beta=beta, lam_pos=lam_pos, lam_neg=lam_neg,
+                       reverse=reverse, temperature=temperature, ignore_index=ignore_index,
+                       group=group)
         ctx.save_for_backward(s, t, tokens, rows)
-        ctx.args = (reverse, temperature, ignore_index)
+        ctx.args = (reverse, temperature, ignore_index, path)
         return rows
 
     @staticmethod
@@ -206,11 +209,17 @@ class OPDRowsParallel(torch.autograd.Function):
         s, t, tokens, rows = ctx.saved_tensors
         gs = None
         if ctx.needs_input_grad[0]:
-            reverse, temperature, ignore_index = ctx.args
-            gs = opd_rows_parallel_backward(grad[:, C.LOSS].contiguous(), s, t, tokens, rows,
-                                            reverse=reverse, temperature=temperature,
-                                            ignore_index=ignore_index)
-        return (gs,) + (None,) * 10
+            reverse, temperature, ignore_index, path = ctx.args
+            kw = dict(reverse=reverse, temperature=temperature, ignore_index=ignore_index)
+            if path == "triton":  # the single-device backward kernel on the combined table
+                from .triton import logits
+
+                gs = logits.opd_rows_backward(grad[:, C.LOSS].contiguous(), s, t, tokens, rows,
+                                              local_tokens=False, **kw)
+            else:
+                gs = opd_rows_parallel_backward(grad[:, C.LOSS].contiguous(), s, t, tokens,
+                                                rows, **kw)
+        return (gs,) + (None,) * 11
 
 
 # ---------------------------------------------------------------------------
@@ -298,32 +307,6 @@ def opd_rows_parallel_triton(s, t, tokens, sign, *, beta, lam_pos, lam_neg, reve
     rows[:, C.MEAN_S], rows[:, C.MEAN_T] = mean_s, mean_t
     rows[:, C.MAX_Q], rows[:, C.LOG2Z_Q] = m_c, lz_c
     return rows
-
-
-class OPDRowsParallelTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, t, tokens, sign, beta, lam_pos, lam_neg, reverse, temperature,
-                ignore_index, group):
-        rows = opd_rows_parallel_triton(s, t, tokens, sign, beta=beta, lam_pos=lam_pos,
-                                        lam_neg=lam_neg, reverse=reverse,
-                                        temperature=temperature, ignore_index=ignore_index,
-                                        group=group)
-        ctx.save_for_backward(s, t, tokens, rows)
-        ctx.args = (reverse, temperature, ignore_index)
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad):
-        from .triton import logits as K
-
-        s, t, tokens, rows = ctx.saved_tensors
-        gs = None
-        if ctx.needs_input_grad[0]:
-            reverse, temperature, ignore_index = ctx.args
-            gs = K.opd_rows_backward(grad[:, C.LOSS].contiguous(), s, t, tokens, rows,
-                                     reverse=reverse, temperature=temperature,
-                                     ignore_index=ignore_index, local_tokens=False)
-        return (gs,) + (None,) * 10
 
 
 # ---------------------------------------------------------------------------
@@ -420,9 +403,9 @@ def rows_parallel(kind: str, *args, group, backend: str = "torch", **kw) -> Tens
     if kind == "opd":
         s, t, tokens, sign = args
         rest = (tokens, sign, kw["beta"], kw["lam_pos"], kw["lam_neg"], kw["reverse"],
-                kw["temperature"], kw["ignore_index"], group)
+                kw["temperature"], kw["ignore_index"], group, backend)
         if backend == "triton":  # the kernels read any strides in place
-            return OPDRowsParallelTriton.apply(s, t.detach(), *rest)
+            return OPDRowsParallel.apply(s, t.detach(), *rest)
         return OPDRowsParallel.apply(s.reshape(-1, s.shape[-1]),
                                      t.detach().reshape(-1, t.shape[-1]), *rest)
     s, tlp, tokens, sign = args
