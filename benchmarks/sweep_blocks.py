@@ -8,7 +8,9 @@ alone (``triton.testing.do_bench``, median with p20 and p80), for reverse KL,
 forward KL and both with the gate and beta, checks every configuration's row
 table and gradient against the default configuration's (a launch setting must
 not change the numbers beyond rounding), prints a table with the % of the
-speed of light of each kernel's bytes, and appends JSON lines to
+speed of light of each kernel's bytes, times the two designs of the backward
+(recompute, as the library does, or the gradient written in forward and
+scaled in backward), and appends JSON lines to
 ``benchmarks/results/<gpu>_sweep.jsonl``.
 
     python benchmarks/sweep_blocks.py                          # N=8192 V=151936 bf16
@@ -81,6 +83,30 @@ def timed(on_gpu, fn, rep):
     return [times[1], times[0], times[2]]
 
 
+def design(on_gpu, args, meta, case, kw, bkw, s, t, tok, sg, grow, rows):
+    """Recompute in backward (this library) against writing the gradient in forward.
+
+    With the default launch settings: the forward kernel, the backward kernel, and the
+    pass a stored gradient needs when grad_output is not 1 (read and write it once, scaled
+    by a device scalar). Recompute: forward = fwd, training step = fwd + bwd. Store:
+    forward = fwd + bwd (the gradient is written there), training step = the same, plus
+    the scaling pass when grad_output != 1. Evaluation runs the forward only.
+    """
+    t_f = timed(on_gpu, lambda: K.opd_rows(s, t, tok, sg, **kw), args.rep)[0]
+    t_b = timed(on_gpu, lambda: K.opd_rows_backward(grow, s, t, tok, rows, **bkw), args.rep)[0]
+    stored = K.opd_rows_backward(grow, s, t, tok, rows, **bkw)
+    factor = torch.ones((), device=stored.device)
+    t_s = timed(on_gpu, lambda: stored.mul_(factor), args.rep)[0]
+    rec = dict(meta, case=case, kernel="design", fwd_ms=t_f, bwd_ms=t_b, scale_ms=t_s,
+               recompute_eval_ms=t_f, recompute_step_ms=t_f + t_b,
+               store_eval_ms=t_f + t_b, store_step_ms=t_f + t_b,
+               store_step_scaled_ms=t_f + t_b + t_s)
+    print(f"  {case:<10} design: recompute eval {t_f:.3f} / step {t_f + t_b:.3f} ms; "
+          f"store-in-forward eval {t_f + t_b:.3f} / step {t_f + t_b:.3f} ms "
+          f"(+{t_s:.3f} ms when grad_output != 1)", flush=True)
+    return rec
+
+
 def main(args):
     on_gpu = torch.cuda.is_available() and not args.interpret
     if not on_gpu and not args.interpret:
@@ -148,6 +174,7 @@ def main(args):
                     print(f"  {case:<10} {kernel} BLOCK_V={block:<5} warps={warps:<2} "
                           f"{ms:8.3f} ms [{p20:.3f}, {p80:.3f}]  {rec['pct_sol']:5.1f}% SoL  "
                           f"{rec['check']}", flush=True)
+        records.append(design(on_gpu, args, meta, case, kw, bkw, s, t, tok, sg, grow, base_rows))
     for case in args.cases.split(","):
         for kernel in ("fwd", "bwd"):
             rs = [r for r in records if r["case"] == case and r["kernel"] == kernel
@@ -162,7 +189,7 @@ def main(args):
         with open(out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         print(f"appended {len(records)} lines to {out}")
-    return 1 if any(r["check"] == "mismatch" for r in records) else 0
+    return 1 if any(r.get("check") == "mismatch" for r in records) else 0
 
 
 if __name__ == "__main__":

@@ -38,3 +38,4 @@ def test_block_sweep_smoke_with_interpreted_kernels():
     # exit status 1 would mean a launch setting changed the numbers
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count(" ok") == 8 and "best fkl-gated  bwd" in proc.stdout
+    assert proc.stdout.count("design: recompute") == 2  # the two backward designs, per case
