@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _rows as C
-from .reference import _chunks, _compute_dtype, _xmul, gate_lambda, sampled_delta
+from .reference import (_chunks, _compute_dtype, _xmul, bridge_logits, check_tokens, gate_lambda,
+                        opd_grad_logprobs, sampled_delta)
 
 NEG_INF = float("-inf")
 
@@ -53,14 +54,6 @@ def check_shards(local_vocab: int, group, device) -> int:
 def shard_start(local_vocab: int, process_group) -> int:
     """The first global column of this rank's shard (shards of equal width)."""
     return dist.get_rank(group=process_group) * local_vocab
-
-
-def check_tokens_global(tokens: Tensor, vocab: int, ignore_index: int) -> None:
-    bad = (tokens != ignore_index) & ((tokens < 0) | (tokens >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"tokens: id {int(tokens[bad][0])} is outside [0, {vocab}) (the "
-                         f"global vocabulary of the process group) and is not "
-                         f"ignore_index={ignore_index}")
 
 
 def _all_reduce(x: Tensor, op, group) -> Tensor:
@@ -129,10 +122,7 @@ def opd_rows_parallel(s, t, tokens, sign, *, beta, lam_pos, lam_neg, reverse, te
     def bridge(sl, zs, zt):
         lp_s = zs - lse_s[sl, None]
         lp_t = zt - lse_t[sl, None]
-        support = (lp_s != NEG_INF) & (lp_t != NEG_INF)
-        x = torch.where(support, a[sl, None] * lp_t + b[sl, None] * lp_s,
-                        torch.full_like(lp_s, NEG_INF))
-        return lp_s, lp_t, x
+        return lp_s, lp_t, bridge_logits(lp_s, lp_t, a[sl, None], b[sl, None])
 
     # round 3: the bridge's row maximum
     m_x = _all_reduce(chunks(lambda sl, zs, zt: bridge(sl, zs, zt)[2].amax(-1, keepdim=True), 1),
@@ -175,17 +165,12 @@ def opd_rows_parallel_backward(grad_rows, s, t, tokens, rows, *, reverse, temper
     valid = (tokens != ignore_index).unsqueeze(-1)
     for sl in _chunks(n, vl):
         r = rows[sl].to(cdt)
-        a, b = r[:, C.A, None], r[:, C.B, None]
-        lp_s = s[sl].to(cdt) / temperature - r[:, 5, None]
-        lp_t = t[sl, :vl].to(cdt) / temperature - r[:, 6, None]
-        p = lp_s.exp()
-        if reverse:  # p (u - E_p[u])
-            gv = _xmul(p, (1.0 - b) * lp_s - a * lp_t - r[:, 8, None])
-        else:  # p - q
-            support = (lp_s != NEG_INF) & (lp_t != NEG_INF)
-            x = torch.where(support, a * lp_t + b * lp_s, torch.full_like(lp_s, NEG_INF))
-            gv = p - (x - r[:, 7, None]).exp()
-        gv = gv / temperature * grad_rows[sl].to(cdt).unsqueeze(-1)
+        gv = opd_grad_logprobs(s[sl].to(cdt) / temperature - r[:, 5, None],
+                               t[sl, :vl].to(cdt) / temperature - r[:, 6, None],
+                               r[:, C.A, None], r[:, C.B, None], reverse=reverse,
+                               temperature=temperature, eu=r[:, 8, None],
+                               log_z_q=r[:, 7, None])
+        gv = gv * grad_rows[sl].to(cdt).unsqueeze(-1)
         grad[sl] = torch.where(valid[sl], gv, torch.zeros_like(gv)).to(s.dtype)
     return grad
 
@@ -399,7 +384,8 @@ def rows_parallel(kind: str, *args, group, backend: str = "torch", **kw) -> Tens
     s, tokens = args[0], args[2]
     if backend == "torch":  # the readable path raises on misuse (reading values on the host)
         vocab = check_shards(s.shape[-1], group, s.device)
-        check_tokens_global(tokens, vocab, kw["ignore_index"])
+        check_tokens(tokens, vocab, kw["ignore_index"],
+                     what=" (the global vocabulary of the process group)")
     if kind == "opd":
         s, t, tokens, sign = args
         rest = (tokens, sign, kw["beta"], kw["lam_pos"], kw["lam_neg"], kw["reverse"],

@@ -57,14 +57,16 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
     return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
 
-def check_tokens(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """The torch path raises on an out-of-range token id (this syncs the host)."""
+def check_tokens(tokens: torch.Tensor, vocab: int, ignore_index: int, what: str = "") -> None:
+    """The torch path raises on an out-of-range token id (this syncs the host).
+
+    ``what`` names the vocabulary in the message (e.g. a process group's global one).
+    """
     bad = (tokens != ignore_index) & ((tokens < 0) | (tokens >= vocab))
     if bool(bad.any()):
         first = int(tokens[bad][0])
-        raise ValueError(
-            f"tokens: id {first} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
-        )
+        raise ValueError(f"tokens: id {first} is outside [0, {vocab}){what} and is not "
+                         f"ignore_index={ignore_index}")
 
 
 def gate_lambda(delta, sign, lam_pos: float, lam_neg: float):
@@ -120,8 +122,7 @@ def bridge_terms(
     b = (1.0 - lam + beta).unsqueeze(-1)
 
     # the bridge target q = softmax(a lp_T + b sg(lp_S)) on the joint support
-    support = (lp_s_d != NEG_INF) & (lp_t != NEG_INF)
-    x = torch.where(support, a * lp_t + b * lp_s_d, torch.full_like(lp_s_d, NEG_INF))
+    x = bridge_logits(lp_s_d, lp_t, a, b)
     log_z_q = torch.logsumexp(x, dim=-1, keepdim=True)
     log_q = x - log_z_q
     if reverse:  # KL(p_S || q)
@@ -171,25 +172,38 @@ def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
                   reverse=reverse, temperature=temperature, ignore_index=ignore_index)
 
 
-def opd_grad_chunk(s_logits, t_logits, a, b, *, reverse: bool, temperature: float):
-    """Closed-form d loss / d student logits for one chunk (SPEC section 3)."""
-    s = s_logits / temperature
-    t = t_logits / temperature
-    lp_s = log_softmax(s)
-    lp_t = log_softmax(t)
+def bridge_logits(lp_s, lp_t, a, b):
+    """x = a lp_T + b lp_S on the joint support, -inf elsewhere (a, b: one per row, (R, 1))."""
+    support = (lp_s != NEG_INF) & (lp_t != NEG_INF)
+    return torch.where(support, a * lp_t + b * lp_s, torch.full_like(lp_s, NEG_INF))
+
+
+def opd_grad_logprobs(lp_s, lp_t, a, b, *, reverse: bool, temperature: float, eu=None,
+                      log_z_q=None):
+    """Closed-form d loss / d student logits from the rows' log-probabilities (SPEC §3).
+
+    a, b: (R, 1). E_{p_S}[u] (reverse KL) and log Z_q (forward KL) of each row, (R, 1),
+    are formed here from the rows unless given (a vocabulary shard gets them from all
+    ranks).
+    """
     p_s = lp_s.exp()
-    a = a.unsqueeze(-1)
-    b = b.unsqueeze(-1)
-    if reverse:
+    if reverse:  # p (u - E_p[u]), u = (1 - b) lp_S - a lp_T
         u = (1.0 - b) * lp_s - a * lp_t
-        eu = _xmul(p_s, u).sum(-1, keepdim=True)
+        if eu is None:
+            eu = _xmul(p_s, u).sum(-1, keepdim=True)
         grad = _xmul(p_s, u - eu)
-    else:
-        support = (lp_s != NEG_INF) & (lp_t != NEG_INF)
-        x = torch.where(support, a * lp_t + b * lp_s, torch.full_like(lp_s, NEG_INF))
-        q = torch.softmax(x, dim=-1)
+    else:  # p - q
+        x = bridge_logits(lp_s, lp_t, a, b)
+        q = torch.softmax(x, dim=-1) if log_z_q is None else (x - log_z_q).exp()
         grad = p_s - q
     return grad / temperature
+
+
+def opd_grad_chunk(s_logits, t_logits, a, b, *, reverse: bool, temperature: float):
+    """Closed-form d loss / d student logits for one chunk (SPEC section 3)."""
+    return opd_grad_logprobs(log_softmax(s_logits / temperature),
+                             log_softmax(t_logits / temperature), a.unsqueeze(-1),
+                             b.unsqueeze(-1), reverse=reverse, temperature=temperature)
 
 
 def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, temperature,
