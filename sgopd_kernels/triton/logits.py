@@ -71,6 +71,22 @@ def _bridge(tf, sf, a, b, support):
 
 
 @triton.jit
+def _row_ptr(X, row, d1, st0, st1):
+    """The first element of row ``row`` of a tensor addressed as ``row_layout`` describes."""
+    return X + (row // d1) * st0 + (row % d1) * st1
+
+
+@triton.jit
+def _online(raw, m, z, scale2):
+    """Fold raw logits into (raw running max, sum 2^((raw - max) scale2))."""
+    nm = tl.maximum(m, tl.max(raw, 0))
+    r = tl.where(nm == float("-inf"), 0.0, nm)
+    z = z * tl.exp2(tl.where(m == float("-inf"), 0.0, (m - r) * scale2)) \
+        + tl.sum(tl.exp2((raw - r) * scale2), 0)
+    return nm, z
+
+
+@triton.jit
 def _row_token(TOK, row, V, ignore_index):
     """The row's sampled token, whether the row counts, and whether the id is in [0, V)."""
     y = tl.load(TOK + row).to(tl.int64)
@@ -106,10 +122,7 @@ def _fwd_block(raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
         + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * tf), 0)
     z_s = z_s * al_s + tl.sum(e_s, 0)
     # teacher: z_t
-    nm_t = tl.maximum(m_t, tl.max(raw_t, 0))
-    r_t = tl.where(nm_t == NEG_INF, 0.0, nm_t)
-    z_t = z_t * tl.exp2(tl.where(m_t == NEG_INF, 0.0, (m_t - r_t) * scale2)) \
-        + tl.sum(tl.exp2((raw_t - r_t) * scale2), 0)
+    nm_t, z_t = _online(raw_t, m_t, z_t, scale2)
     # candidate bridges on the joint support
     support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
     m0, z0, ax0, as0 = _cand_update(_bridge(tf, sf, a0, b0, support), m0, z0, ax0, as0, sf,
@@ -152,8 +165,8 @@ def _opd_fwd_kernel(
     LN2_: tl.constexpr = 0.6931471805599453
     FRAME_TOL: tl.constexpr = 16.0  # base-2 units, about 11 nats
     row = tl.program_id(0).to(tl.int64)
-    s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
-    t_row = T + (row // t_d1) * t_st0 + (row % t_d1) * t_st1
+    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
+    t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
     y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
 
@@ -341,8 +354,8 @@ def _opd_bwd_kernel(
     m_c = tl.load(st + 13)
     lz_c = tl.load(st + 14)
 
-    s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
-    t_row = T + (row // t_d1) * t_st0 + (row % t_d1) * t_st1
+    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
+    t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
     raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
     raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
     sf = (raw_s - f_s) * scale2

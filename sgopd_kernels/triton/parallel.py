@@ -25,30 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .logits import LOG2E, _bridge, _cand_update, _load_row_block
+from .logits import LOG2E, _bridge, _cand_update, _load_row_block, _online, _row_ptr
 from ._layout import row_layout
 
 STATS_K = 8   # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, t at argmax s
 BRIDGE_K = 7  # m_x, z_x, ax, as, sum p, sum p sf, sum p tf
 BLOCK_V = 4096
 NUM_WARPS = 8
-
-
-@triton.jit
-def _row_ptrs(S, T, row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1):
-    s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
-    t_row = T + (row // t_d1) * t_st0 + (row % t_d1) * t_st1
-    return s_row, t_row
-
-
-@triton.jit
-def _online(raw, m, z, scale2):
-    """Fold raw logits into (raw running max, sum 2^((raw - max) scale2))."""
-    nm = tl.maximum(m, tl.max(raw, 0))
-    r = tl.where(nm == float("-inf"), 0.0, nm)
-    z = z * tl.exp2(tl.where(m == float("-inf"), 0.0, (m - r) * scale2)) \
-        + tl.sum(tl.exp2((raw - r) * scale2), 0)
-    return nm, z
 
 
 @triton.jit
@@ -59,7 +42,8 @@ def _tp_stats_kernel(
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row, t_row = _row_ptrs(S, T, row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1)
+    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
+    t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
     y = tl.load(TOK + row).to(tl.int64)
     valid = y != ignore_index
     n_cols = tl.where(valid, V, 0)
@@ -103,7 +87,8 @@ def _tp_bridge_kernel(
 ):
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
-    s_row, t_row = _row_ptrs(S, T, row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1)
+    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
+    t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
     y = tl.load(TOK + row).to(tl.int64)
     n_cols = tl.where(y != ignore_index, V, 0)
     st = ROWS + row * ROW_K  # the single-device table's columns (sgopd_kernels/_rows.py)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import _rows as C
 from ._layout import row_layout
-from .logits import LOG2E, _load_row_block, _row_token
+from .logits import LOG2E, _load_row_block, _row_ptr, _row_token
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _sampled_fwd_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     LN2: tl.constexpr = 0.6931471805599453
     row = tl.program_id(0).to(tl.int64)
-    s_row = S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1
+    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
     y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)
 
@@ -97,7 +97,7 @@ def _sampled_bwd_kernel(
     adv = tl.load(st + 5)
     r_s = tl.load(st + 6)
     lz_s = tl.load(st + 7)
-    raw = _load_row_block(S + (row // s_d1) * s_st0 + (row % s_d1) * s_st1, cols, s_stv, V,
+    raw = _load_row_block(_row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, V,
                           STRIDED_V)
     p = tl.exp2((raw - r_s) * scale2 - lz_s)
     onehot = (cols.to(tl.int64) == y).to(tl.float32)
