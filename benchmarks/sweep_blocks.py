@@ -29,7 +29,6 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -64,26 +63,13 @@ from sgopd_kernels import _rows as C  # noqa: E402
 from sgopd_kernels.triton import logits as K  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from bench_loss import copy_bandwidth, git_commit, triton_version  # noqa: E402
+from bench_loss import copy_bandwidth, git_commit, time_ms, triton_version  # noqa: E402
 
 
 COMPARED = [C.LOSS, C.DELTA, C.GATE, C.TEACHER_KL, C.ENTROPY, C.A, C.B]
 
 
-def timed(on_gpu, fn, rep):
-    if on_gpu:
-        from triton.testing import do_bench
-        return list(do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8]))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return [times[1], times[0], times[2]]
-
-
-def design(on_gpu, args, meta, case, kw, bkw, s, t, tok, sg, grow, rows):
+def design(ctx, meta, case, kw, bkw, s, t, tok, sg, grow, rows):
     """Recompute in backward (this library) against writing the gradient in forward.
 
     With the default launch settings: the forward kernel, the backward kernel, and the
@@ -92,11 +78,11 @@ def design(on_gpu, args, meta, case, kw, bkw, s, t, tok, sg, grow, rows):
     forward = fwd + bwd (the gradient is written there), training step = the same, plus
     the scaling pass when grad_output != 1. Evaluation runs the forward only.
     """
-    t_f = timed(on_gpu, lambda: K.opd_rows(s, t, tok, sg, **kw), args.rep)[0]
-    t_b = timed(on_gpu, lambda: K.opd_rows_backward(grow, s, t, tok, rows, **bkw), args.rep)[0]
+    t_f = time_ms(ctx, lambda: K.opd_rows(s, t, tok, sg, **kw), [])[0]
+    t_b = time_ms(ctx, lambda: K.opd_rows_backward(grow, s, t, tok, rows, **bkw), [])[0]
     stored = K.opd_rows_backward(grow, s, t, tok, rows, **bkw)
     factor = torch.ones((), device=stored.device)
-    t_s = timed(on_gpu, lambda: stored.mul_(factor), args.rep)[0]
+    t_s = time_ms(ctx, lambda: stored.mul_(factor), [])[0]
     rec = dict(meta, case=case, kernel="design", fwd_ms=t_f, bwd_ms=t_b, scale_ms=t_s,
                recompute_eval_ms=t_f, recompute_step_ms=t_f + t_b,
                store_eval_ms=t_f + t_b, store_step_ms=t_f + t_b,
@@ -122,7 +108,9 @@ def main(args):
     tok = torch.randint(0, vocab, (n,), device=dev, generator=gen)
     sign = torch.where(torch.rand(n, device=dev, generator=gen) > 0.5, 1.0, -1.0)
     grow = torch.full((n,), 1.0 / n, device=dev)
-    ctx = argparse.Namespace(on_gpu=on_gpu, device=dev, args=argparse.Namespace(rep=50, warmup=10))
+    # bench_loss's timing: do_bench on a GPU, perf_counter repetitions on a CPU
+    ctx = argparse.Namespace(on_gpu=on_gpu, device=dev,
+                             args=argparse.Namespace(rep=args.rep, warmup=25))
     bw = copy_bandwidth(ctx)
     elt = s.element_size()
     sol = {"fwd": 2 * n * vocab * elt / bw * 1e3, "bwd": 3 * n * vocab * elt / bw * 1e3}
@@ -162,7 +150,7 @@ def main(args):
                         else:
                             want = base_grad
                         ok = torch.allclose(out, want, rtol=1e-4, atol=1e-5, equal_nan=True)
-                        ms, p20, p80 = timed(on_gpu, fn, args.rep)
+                        ms, p20, p80 = time_ms(ctx, fn, [])
                     except Exception as e:  # e.g. out of resources for a large block
                         print(f"  {case:<10} {kernel} BLOCK_V={block:<5} warps={warps:<2} "
                               f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -174,7 +162,7 @@ def main(args):
                     print(f"  {case:<10} {kernel} BLOCK_V={block:<5} warps={warps:<2} "
                           f"{ms:8.3f} ms [{p20:.3f}, {p80:.3f}]  {rec['pct_sol']:5.1f}% SoL  "
                           f"{rec['check']}", flush=True)
-        records.append(design(on_gpu, args, meta, case, kw, bkw, s, t, tok, sg, grow, base_rows))
+        records.append(design(ctx, meta, case, kw, bkw, s, t, tok, sg, grow, base_rows))
     for case in args.cases.split(","):
         for kernel in ("fwd", "bwd"):
             rs = [r for r in records if r["case"] == case and r["kernel"] == kernel
