@@ -1,43 +1,39 @@
-"""Column layout of the per-row table that every backend's forward returns.
+"""The per-row table that every backend's forward returns, and who owns which column.
 
-The forward of a loss writes one row of ``ROW_K`` float32 values per position:
-the loss and the statistics (columns 0-4, the same meaning for every
-backend), then what that backend's backward needs (the rest). Masked
-positions hold zeros. The table is O(rows): it is all a forward keeps. It is
+A forward writes one row of ``WIDTH[family]`` values per position: it is all
+that a loss keeps between forward and backward (O(rows)). The table is
 float32, except on the torch backend for float64 inputs (float64).
 
-The Triton kernels write and read these columns by their numbers (a jit
-function cannot read module globals): change a number here and there together.
+- Shared columns (:data:`SHARED`): the same meaning on every backend and in
+  every family, natural-log units, zero where the position is masked. The
+  reductions and the statistics read only these.
+- Family columns: the same meaning on every backend of that family (the
+  bridge coefficients of the logits family, the advantage of the sampled
+  estimator).
+- Columns from ``PRIVATE[family]`` on belong to the backend that wrote the
+  table and are named by that backend: the Triton kernels' in
+  ``sgopd_kernels/triton/_table.py`` (mirrored as ``tl.constexpr`` for the
+  jit code), the torch vocabulary-parallel path's in
+  ``sgopd_kernels/reference_parallel.py``. The torch reference needs none. No
+  path writes a quantity into a column named for another.
 """
 
-# shared by all backends (natural-log units)
-LOSS = 0          # per-position divergence (0 where masked)
-DELTA = 1         # lp_T(y) - lp_S(y)
+# shared by every backend and every family
+LOSS = 0          # the per-position divergence (0 where masked)
+DELTA = 1         # delta = lp_T(y) - lp_S(y)
 GATE = 2          # g = sign(delta) * sigma, in {-1, 0, +1}
 TEACHER_KL = 3    # KL(p_S || p_T), unbridged
 ENTROPY = 4       # H(p_S)
+SHARED = {"loss": LOSS, "delta": DELTA, "gate": GATE, "teacher_kl": TEACHER_KL,
+          "entropy": ENTROPY}
 
-# Triton backward state: raw-logit references, base-2 sums (scale2 = log2(e) / tau)
-REF_S = 5         # row max of the raw student logits
-LOG2Z_S = 6       # log2 sum 2^((z_S - REF_S) scale2)
-FRAME_S = 7       # the fixed frame: max(first block's max, z_S[y]) of the raw student logits
-FRAME_T = 8       # the same for the teacher (each 0 where it would be -inf)
-MEAN_S = 9        # E_{p_S}[(z_S - FRAME_S) scale2]
-MEAN_T = 10       # E_{p_S}[(z_T - FRAME_T) scale2]
-A = 11            # bridge coefficient a = lambda (all backends)
-B = 12            # bridge coefficient b = 1 - lambda + beta (all backends)
-MAX_Q = 13        # max over the support of x = (a (z_T - FRAME_T) + b (z_S - FRAME_S)) scale2
-LOG2Z_Q = 14      # log2 sum 2^(x - MAX_Q)
-ROW_K = 16
+# the logits family (gated_opd_loss): the bridge coefficients of the row's lambda
+A = 5             # a = lambda
+B = 6             # b = 1 - lambda + beta
+# the sampled family (sampled_opd_loss)
+ADV = 5           # A = lambda * delta, the detached advantage
 
-TORCH_COLUMNS = {"loss": LOSS, "delta": DELTA, "gate": GATE, "teacher_kl": TEACHER_KL,
-                 "entropy": ENTROPY, "a": A, "b": B}
-
-# the sampled-token estimator: columns 0-4 as above, then
-S_ADV = 5         # A = lambda * delta, the detached advantage (natural units)
-S_REF = 6         # row max of the raw student logits (Triton)
-S_LOG2Z = 7       # log2 sum 2^((z_S - S_REF) scale2) (Triton)
-SAMPLED_ROW_K = 8
-
-SAMPLED_TORCH_COLUMNS = {"loss": LOSS, "delta": DELTA, "gate": GATE, "teacher_kl": TEACHER_KL,
-                         "entropy": ENTROPY, "adv": S_ADV}
+FAMILY = {"logits": {"a": A, "b": B}, "sampled": {"adv": ADV}}
+# the first column private to a backend, and the table's width, per family
+PRIVATE = {"logits": 7, "sampled": 6}
+WIDTH = {"logits": 16, "sampled": 8}

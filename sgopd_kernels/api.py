@@ -1,41 +1,50 @@
 """Public functions: argument checks, broadcasting, backend choice, reductions.
 
-Data flows one way: the public call validates every argument before any
-kernel runs, picks a backend (:func:`resolve_backend`), calls the custom op of
-:mod:`sgopd_kernels.autograd` (which imports the backend lazily) and reduces
-its per-row table with O(rows) PyTorch that never syncs the host.
+Data flows one way: the public call validates every argument once, into a
+frozen :class:`~sgopd_kernels._options.LossOptions` and per-row tensors,
+before any kernel runs; :mod:`sgopd_kernels._dispatch` picks the backend; the
+custom op of :mod:`sgopd_kernels.autograd` (or, with ``process_group``, the
+vocabulary-parallel path of :mod:`sgopd_kernels.parallel`) returns the
+per-row table, which is reduced here with O(rows) PyTorch that never syncs
+the host. The formulas are in docs/math.md.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
 import warnings
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from . import _dispatch
 from . import _rows as C
 from . import autograd as _ops
+from ._options import Divergence, LossOptions, RowOptions
 
-BACKENDS = ("auto", "cuda", "triton", "torch")
-DIVERGENCES = ("reverse_kl", "forward_kl")
+BACKENDS = _dispatch.BACKENDS
+DIVERGENCES = Divergence.labels()
 REDUCTIONS = ("mean", "sum", "none")
 
 
 class OPDStats(NamedTuple):
     """Statistics of one loss call, float32 scalars on the logits' device.
 
-    All are means over the unmasked positions (0 when there are none).
+    All are unweighted means over the unmasked positions (0 when there are none).
 
     - ``consistent_frac``: fraction where the gate extrapolates (g > 0).
     - ``conflict_frac``: fraction where it interpolates (g < 0).
     - ``mean_delta``: mean of delta = lp_T(y) - lp_S(y).
-    - ``teacher_kl``: mean KL(p_S || p_T), unbridged (for the sampled
-      estimator: the single-sample estimate mean(lp_S(y) - lp_T(y))).
+    - ``teacher_kl``: mean KL(p_S || p_T) to the unbridged teacher, whatever the
+      divergence trained (for the sampled estimator: the single-sample estimate
+      mean(lp_S(y) - lp_T(y))).
     - ``student_entropy``: mean entropy of p_S.
+    - ``divergence``: mean of the per-position divergence the loss trains (the
+      ``divergence`` option, toward the bridged target; for the sampled estimator its
+      per-position loss -A lp_S(y)). With no verifier and ``beta=0`` it is the plain
+      KL (or JSD) to the teacher in the direction trained.
     """
 
     consistent_frac: Tensor
@@ -43,76 +52,33 @@ class OPDStats(NamedTuple):
     mean_delta: Tensor
     teacher_kl: Tensor
     student_entropy: Tensor
-
-
-# ---------------------------------------------------------------------------
-# backend choice
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    divergence: Tensor
 
 
 def resolve_backend(backend: str = "auto", device: Union[Tensor, torch.device, str, None] = None,
-                    dtype: Optional[torch.dtype] = None) -> str:
+                    dtype: Optional[torch.dtype] = None, *, family: str = "logits",
+                    parallel: bool = False, divergence: str = "reverse_kl") -> str:
     """The backend that a loss call with these arguments runs.
 
     ``device``/``dtype`` describe the logits (a tensor may be passed as
-    ``device``). ``"auto"`` picks ``"cuda"`` (compiled kernels) when built,
-    else ``"triton"`` for CUDA tensors, and ``"torch"`` for CPU tensors or
-    float64 logits. A named backend that cannot run here raises RuntimeError.
+    ``device``); ``family`` is "logits" (:func:`gated_opd_loss`,
+    :func:`~sgopd_kernels.fused_linear_gated_opd_loss`) or "sampled"
+    (:func:`sampled_opd_loss`); ``parallel`` means a ``process_group`` is set.
+    ``"auto"`` picks, for CUDA tensors, the compiled CUDA kernels when built,
+    else Triton; for CPU tensors the compiled CPU kernels when built, else
+    the torch reference; float64 always runs the torch reference. A named
+    backend that cannot run here raises (RuntimeError; NotImplementedError for
+    a loss or mode it does not implement; TypeError for a dtype it does not take).
     """
-    if isinstance(device, Tensor):
-        dtype = device.dtype if dtype is None else dtype
-        device = device.device
-    device = torch.device(device if device is not None else "cpu")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    from . import cuda as _cuda
-
-    if backend == "auto":
-        if device.type != "cuda" or dtype == torch.float64:
-            return "torch"
-        if _cuda.available():
-            return "cuda"
-        return "triton" if _triton_importable() else "torch"
-    if backend == "cuda":
-        if not _cuda.available():
-            raise RuntimeError("backend='cuda': the compiled CUDA kernels are not built in this "
-                               "installation; use backend='triton' or 'auto'")
-        if device.type != "cuda":
-            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-    if backend == "triton":
-        if not _triton_importable():
-            raise RuntimeError("backend='triton': the triton package is not importable")
-        if device.type != "cuda" and not _interpreting():
-            raise RuntimeError(f"backend='triton' needs CUDA tensors (got tensors on {device}), "
-                               "or TRITON_INTERPRET=1 set before triton is imported to run "
-                               "the kernels on CPU tensors in the interpreter")
-    return backend
+    return _dispatch.resolve(backend, device, dtype, family=family, parallel=parallel,
+                             divergence=Divergence.parse(divergence))
 
 
 # ---------------------------------------------------------------------------
-# validation
+# validation of the options
 
-def _check_logits(name: str, x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor (float32, bfloat16, float16 or "
-                        f"float64), got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name}: expected shape (..., V) with V >= 1, got {tuple(x.shape)}")
-
-
-def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False,
+                  below_one: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
@@ -122,6 +88,8 @@ def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool
         raise ValueError(f"{name}: expected a value > 0, got {value}")
     if nonnegative and not value >= 0:
         raise ValueError(f"{name}: expected a value >= 0, got {value}")
+    if below_one and not 0 < value < 1:
+        raise ValueError(f"{name}: expected a value in (0, 1), got {value}")
     return value
 
 
@@ -130,21 +98,85 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
 
 
-def _check_device(name: str, x: Tensor, device: torch.device) -> None:
+def _check_process_group(group) -> None:
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first, or pass None")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected None or a torch.distributed.ProcessGroup, got "
+                        f"{type(group).__name__}")
+
+
+def row_options(*, beta=0.0, extrapolation=1.8, interpolation=1.0, divergence="reverse_kl",
+                jsd_beta=0.5, temperature=1.0, teacher_temperature=None,
+                ignore_index=-100) -> RowOptions:
+    """The validated :class:`RowOptions` of the public keywords (errors name the keyword)."""
+    temperature = _check_number("temperature", temperature, positive=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    return RowOptions(
+        divergence=Divergence.parse(divergence),
+        beta=_check_number("beta", beta, nonnegative=True),
+        lam_pos=_check_number("extrapolation", extrapolation, positive=True),
+        lam_neg=_check_number("interpolation", interpolation, positive=True),
+        jsd_beta=_check_number("jsd_beta", jsd_beta, below_one=True),
+        temperature=temperature,
+        teacher_temperature=temperature if teacher_temperature is None else
+        _check_number("teacher_temperature", teacher_temperature, positive=True),
+        ignore_index=int(ignore_index),
+    )
+
+
+def loss_options(*, reduction="mean", return_stats=False, backend="auto", process_group=None,
+                 **row_keywords) -> LossOptions:
+    """The validated :class:`LossOptions` of a call's keyword options."""
+    rows = row_options(**row_keywords)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
+    _check_choice("backend", backend, BACKENDS)
+    _check_process_group(process_group)
+    return LossOptions(rows=rows, reduction=reduction, return_stats=return_stats,
+                       backend=backend, process_group=process_group)
+
+
+# ---------------------------------------------------------------------------
+# validation of the tensors
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_logits(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float32, bfloat16, float16 or "
+                        f"float64), got {_dtype_name(x.dtype)}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name}: expected shape (..., V) with V >= 1, got {tuple(x.shape)}")
+
+
+def check_device(name: str, x: Tensor, device: torch.device, of: str = "student_logits") -> None:
     if x.device != device:
-        raise ValueError(f"{name}: is on {x.device} but student_logits is on {device}; "
+        raise ValueError(f"{name}: is on {x.device} but {of} is on {device}; "
                          "all tensors must be on one device")
 
 
-def _check_tokens(tokens, lead: torch.Size, device: torch.device) -> Tensor:
+def _check_tokens(tokens, lead: torch.Size, device: torch.device, of: str) -> Tensor:
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens: expected a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"tokens: expected an integer tensor of token ids, got {tokens.dtype}")
+        raise TypeError(f"tokens: expected an integer tensor of token ids, got "
+                        f"{_dtype_name(tokens.dtype)}")
     if tokens.shape != lead:
-        raise ValueError(f"tokens: expected shape {tuple(lead)} (the logits' shape without the "
-                         f"vocabulary), got {tuple(tokens.shape)}")
-    _check_device("tokens", tokens, device)
+        raise ValueError(f"tokens: expected shape {tuple(lead)} (the shape of {of} without its "
+                         f"last dimension), got {tuple(tokens.shape)}")
+    check_device("tokens", tokens, device, of)
     return tokens.reshape(-1).to(torch.int64).contiguous()
 
 
@@ -172,11 +204,15 @@ _VERIFIER_CHECKED = False
 
 
 def _warn_if_rewards(v: Tensor) -> None:
-    """A float tensor of 0/1 rewards reads 0 as 'neutral': warn.
+    """Float rewards passed as a verifier read wrongly: warn.
 
-    The check reads values, which syncs the host for a CUDA tensor: it runs on
-    every CPU tensor, on the first CUDA tensor of the process only, and never
-    while compiling or capturing a CUDA graph.
+    A float verifier is a tensor of signed advantages: its sign is the verdict and 0 is
+    neutral. Rewards in [0, 1] are not: 0/1 rewards read 0 as 'neutral', and non-negative
+    rewards such as [0.2, 0.9, 0.4] read every sequence as 'correct'. It warns for a float
+    verifier whose values are all >= 0 and not all equal. The check reads
+    values, which syncs the host for a CUDA tensor: it runs on every CPU tensor, on the
+    first CUDA tensor of the process only, and never while compiling or capturing a CUDA
+    graph.
     """
     global _VERIFIER_CHECKED
     if v.is_cuda:
@@ -186,11 +222,21 @@ def _warn_if_rewards(v: Tensor) -> None:
         _VERIFIER_CHECKED = True
     elif torch.compiler.is_compiling():
         return
-    if v.numel() and bool(((v == 0) | (v == 1)).all()) and bool((v == 0).any()):
-        warnings.warn(
-            "verifier: a float tensor of only 0s and 1s reads as signed advantages, so 0 means "
-            "'neutral' (no gate), not 'wrong'. For binary verdicts pass a bool tensor "
-            "(rewards > 0.5) or signed values (2 * rewards - 1).", UserWarning, stacklevel=4)
+    v = v.detach()
+    # signed advantages have both signs; a constant tensor (all correct, all neutral) reads
+    # as meant
+    if v.numel() < 2 or not bool((v >= 0).all()) or bool((v == v.reshape(-1)[0]).all()):
+        return
+    if bool(((v == 0) | (v == 1)).all()):
+        what = ("a float tensor of only 0s and 1s reads as signed advantages, so 0 means "
+                "'neutral' (no gate), not 'wrong'")
+    else:
+        what = ("a float tensor with no negative value reads as signed advantages, so every "
+                "positive reward means 'correct' (and 0 'neutral'); rewards need centring")
+    warnings.warn(
+        f"verifier: {what}. For binary verdicts pass a bool tensor (rewards > 0.5); for "
+        "advantages pass centred values (e.g. rewards minus the group mean).", UserWarning,
+        stacklevel=5)
 
 
 def _verifier_sign(verifier, lead: torch.Size, device: torch.device) -> Optional[Tensor]:
@@ -198,7 +244,7 @@ def _verifier_sign(verifier, lead: torch.Size, device: torch.device) -> Optional
         return None
     if not isinstance(verifier, Tensor):
         raise TypeError(f"verifier: expected None or a torch.Tensor, got {type(verifier).__name__}")
-    _check_device("verifier", verifier, device)
+    check_device("verifier", verifier, device)
     if verifier.dtype == torch.bool:
         sign = verifier.to(torch.float32) * 2 - 1
     elif verifier.is_floating_point():
@@ -207,8 +253,8 @@ def _verifier_sign(verifier, lead: torch.Size, device: torch.device) -> Optional
         sign = torch.where(torch.isnan(v), v, torch.sign(v)).to(torch.float32)  # NaN stays NaN
     else:
         raise TypeError(f"verifier: expected a bool tensor (verdicts) or a floating tensor "
-                        f"(signed advantages), got {verifier.dtype}; integer 0/1 rewards would "
-                        "read 0 as neutral, pass rewards.bool() for verdicts")
+                        f"(signed advantages), got {_dtype_name(verifier.dtype)}; integer 0/1 "
+                        "rewards would read 0 as neutral, pass rewards.bool() for verdicts")
     return _broadcast_rows("verifier", sign, lead).contiguous()
 
 
@@ -218,110 +264,217 @@ def _weights_rows(weights, lead: torch.Size, device: torch.device) -> Optional[T
     if not isinstance(weights, Tensor):
         raise TypeError(f"weights: expected None or a torch.Tensor, got {type(weights).__name__}")
     if not weights.is_floating_point():
-        raise TypeError(f"weights: expected a floating tensor, got {weights.dtype}")
-    _check_device("weights", weights, device)
+        raise TypeError(f"weights: expected a floating tensor, got {_dtype_name(weights.dtype)}")
+    check_device("weights", weights, device)
     w = weights.detach()
     return _broadcast_rows("weights", w if w.dtype == torch.float64 else w.float(), lead)
 
 
-def _check_process_group(group) -> None:
-    if group is None:
-        return
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("process_group: torch.distributed is not initialized; call "
-                           "torch.distributed.init_process_group first, or pass None")
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"process_group: expected None or a torch.distributed.ProcessGroup, got "
-                        f"{type(group).__name__}")
-
-
-def _parallel_backend(backend: str, device: torch.device, dtype: torch.dtype,
-                      kernels: bool) -> str:
-    """The path of a vocabulary-parallel loss: "triton" (where ``kernels`` exist) or "torch".
-
-    "auto" takes the Triton kernels for CUDA tensors (float64 inputs excepted), the torch
-    path otherwise; ``dtype`` is the inputs' promoted dtype.
-    """
-    _check_choice("backend", backend, BACKENDS)
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        fast = kernels and device.type == "cuda" and dtype != torch.float64
-        return "triton" if fast and _triton_importable() else "torch"
-    if backend == "triton" and kernels:
-        if dtype == torch.float64:
-            raise TypeError("student_logits: the Triton backend takes float32, bfloat16 or "
-                            "float16 logits, got float64; use backend='torch' for float64")
-        return resolve_backend("triton", device, dtype)
-    raise NotImplementedError(
-        f"backend={backend!r} with process_group: this vocabulary-parallel loss has "
-        + ("no compiled CUDA kernels; pass backend='triton', 'torch' or 'auto'" if kernels
-           else "the torch path only; pass backend='torch' or 'auto'"))
+def _count(num_items_in_batch, reduction: str, device: torch.device):
+    """The caller's global token count for "mean" (a number or a tensor), or None."""
+    if num_items_in_batch is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch: divides the summed loss, so it goes with "
+                         f"reduction='mean' (the default), got reduction={reduction!r}")
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch: expected one count (a number or a "
+                             f"one-element tensor), got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+            raise TypeError(f"num_items_in_batch: expected a real count, got "
+                            f"{_dtype_name(num_items_in_batch.dtype)}")
+        if num_items_in_batch.device != device and num_items_in_batch.device.type != "cpu":
+            check_device("num_items_in_batch", num_items_in_batch, device)
+        return num_items_in_batch.detach().reshape(()).to(device, non_blocking=True)
+    return _check_number("num_items_in_batch", num_items_in_batch, positive=True)
 
 
-def _common(student_logits, tokens, verifier, weights, extrapolation, interpolation,
-            temperature, ignore_index, reduction, return_stats, process_group):
-    _check_logits("student_logits", student_logits)
-    lead = student_logits.shape[:-1]
-    device = student_logits.device
-    lam_pos = _check_number("extrapolation", extrapolation, positive=True)
-    lam_neg = _check_number("interpolation", interpolation, positive=True)
-    temperature = _check_number("temperature", temperature, positive=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    _check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
-    _check_process_group(process_group)
-    tok = _check_tokens(tokens, lead, device)
-    sign = _verifier_sign(verifier, lead, device)
-    w = _weights_rows(weights, lead, device)
-    return lead, tok, sign, w, lam_pos, lam_neg, temperature, int(ignore_index)
+class Rows(NamedTuple):
+    """The per-row tensors of a call, validated: (N,) each, N = prod(lead)."""
+
+    lead: tuple
+    tokens: Tensor            # int64 ids, ignore_index where masked
+    sign: Optional[Tensor]    # float32 verdicts +-1 / 0 / NaN, or None
+    weights: Optional[Tensor]  # float32 (float64 kept), or None
+    count: object             # None (the local count), a float or a 0-d tensor
 
 
-def _reduce_loss(rows: Tensor, tok: Tensor, w: Optional[Tensor], lead, ignore_index: int,
-                 reduction: str) -> Tensor:
+def check_rows(logits_like: Tensor, tokens, verifier, weights, num_items_in_batch,
+               options: LossOptions, *, of: str = "student_logits",
+               lead: Optional[torch.Size] = None) -> Rows:
+    """Validate the per-row arguments against the leading shape of ``logits_like``."""
+    lead = logits_like.shape[:-1] if lead is None else lead
+    device = logits_like.device
+    tok = _check_tokens(tokens, lead, device, of)
+    return Rows(tuple(lead), tok, _verifier_sign(verifier, lead, device),
+                _weights_rows(weights, lead, device),
+                _count(num_items_in_batch, options.reduction, device))
+
+
+# ---------------------------------------------------------------------------
+# reductions
+
+def row_coefficients(rows: Rows, reduction: str, ignore_index: int, dtype) -> Tensor:
+    """d loss / d (row r's divergence) for a unit incoming gradient: valid_r * w_r, divided by
+    the count for "mean" (the caller's ``num_items_in_batch`` or the unmasked positions)."""
+    valid = rows.tokens != ignore_index
+    coef = valid.to(dtype) if rows.weights is None else \
+        torch.where(valid, rows.weights.to(dtype), torch.zeros((), dtype=dtype,
+                                                                device=valid.device))
+    if reduction == "mean":
+        coef = coef / _denominator(rows, valid, dtype)
+    return coef
+
+
+def _denominator(rows: Rows, valid: Tensor, dtype) -> Tensor:
+    if rows.count is None:
+        return valid.sum().clamp(min=1).to(dtype)
+    if isinstance(rows.count, Tensor):  # a global count of 0 (nothing anywhere) gives 0, not NaN
+        count = rows.count.to(dtype)
+        return torch.where(count == 0, torch.ones_like(count), count)
+    return torch.tensor(rows.count, dtype=dtype, device=valid.device)
+
+
+def reduce_loss(table: Tensor, rows: Rows, reduction: str, ignore_index: int) -> Tensor:
     """The loss from the table's loss column, in the table's dtype (float32 or float64)."""
-    valid = tok != ignore_index
-    loss_rows = rows[:, C.LOSS]
-    if w is not None:
-        loss_rows = torch.where(valid, loss_rows * w.to(rows.dtype), torch.zeros_like(loss_rows))
+    valid = rows.tokens != ignore_index
+    loss_rows = table[:, C.LOSS]
+    if rows.weights is not None:
+        loss_rows = torch.where(valid, loss_rows * rows.weights.to(table.dtype),
+                                torch.zeros_like(loss_rows))
     if reduction == "none":
-        return loss_rows.reshape(lead)
+        return loss_rows.reshape(rows.lead)
     if reduction == "sum":
         return loss_rows.sum()
-    return loss_rows.sum() / valid.sum().clamp(min=1).to(rows.dtype)
+    return loss_rows.sum() / _denominator(rows, valid, table.dtype)
 
 
-def _stats(rows: Tensor, tok: Tensor, ignore_index: int) -> OPDStats:
-    """Means over the unmasked positions of the table's statistics columns (float32)."""
-    valid = tok != ignore_index
-    rows = rows.detach().to(torch.float32)
+def statistics(table: Tensor, tokens: Tensor, ignore_index: int) -> OPDStats:
+    """Means over the unmasked positions of the table's shared columns (float32)."""
+    valid = tokens != ignore_index
+    table = table.detach().to(torch.float32)
     count = valid.sum().clamp(min=1).to(torch.float32)
-    gate = rows[:, C.GATE]
+    gate = table[:, C.GATE]
     v = valid.to(torch.float32)
     return OPDStats(
         consistent_frac=((gate > 0).to(torch.float32) * v).sum() / count,
         conflict_frac=((gate < 0).to(torch.float32) * v).sum() / count,
-        mean_delta=rows[:, C.DELTA].sum() / count,
-        teacher_kl=rows[:, C.TEACHER_KL].sum() / count,
-        student_entropy=rows[:, C.ENTROPY].sum() / count,
+        mean_delta=table[:, C.DELTA].sum() / count,
+        teacher_kl=table[:, C.TEACHER_KL].sum() / count,
+        student_entropy=table[:, C.ENTROPY].sum() / count,
+        divergence=table[:, C.LOSS].sum() / count,
     )
 
 
-def _reduce(rows: Tensor, tok: Tensor, w: Optional[Tensor], lead, ignore_index: int,
-            reduction: str, return_stats: bool):
-    """Weights and reduction in the table's dtype; the loss is returned in float32."""
-    loss = _reduce_loss(rows, tok, w, lead, ignore_index, reduction).to(torch.float32)
-    if not return_stats:
+def finish(loss: Tensor, table: Tensor, rows: Rows, options: LossOptions):
+    """The float32 loss, and the statistics when asked for."""
+    loss = loss.to(torch.float32)
+    if not options.return_stats:
         return loss
-    return loss, _stats(rows, tok, ignore_index)
+    return loss, statistics(table, rows.tokens, options.rows.ignore_index)
+
+
+class _StoredGradient(torch.autograd.Function):
+    """A backend that writes the gradient in forward: backward only scales it by the incoming
+    gradient (a scalar for "mean"/"sum", one per position for "none") on the device."""
+
+    @staticmethod
+    def forward(ctx, student, need_grad, family, teacher, rows, coef, options, backend):
+        o = options.rows
+        if need_grad:
+            table, grad = _ops.rows_grad(family, student, teacher, rows.tokens, rows.sign, coef,
+                                         o, backend)
+        else:  # evaluation: the forward alone
+            table, grad = _ops.rows(family, student, teacher, rows.tokens, rows.sign, o,
+                                    backend), None
+        loss = reduce_loss(table, rows, options.reduction, o.ignore_index)
+        ctx.mark_non_differentiable(table)
+        ctx.save_for_backward(grad)
+        ctx.lead = rows.lead if options.reduction == "none" else None
+        ctx.backend = backend
+        ctx.used = False
+        return loss, table
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_table):
+        if ctx.used:
+            raise RuntimeError("backward ran twice through a loss whose gradient was written in "
+                               "forward (and is scaled in place); compute the loss again for a "
+                               "second backward")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 8
+        g = grad_loss if ctx.lead is None else grad_loss.reshape(ctx.lead + (1,))
+        scale = getattr(_dispatch.module(ctx.backend), "scale_grad_", None)
+        if scale is not None:  # a kernel that returns at once where the factor is 1
+            scale(grad, g)
+        else:
+            grad.mul_(g.to(torch.float32))
+        return (grad,) + (None,) * 7
+
+
+def _family_loss(family: str, student: Tensor, teacher: tuple, rows: Rows,
+                 options: LossOptions, backend: str):
+    """The reduced loss and the table of one family on one device."""
+    o = options.rows
+    if not _dispatch.stores_grad(backend):
+        table = _ops.rows(family, student, teacher, rows.tokens, rows.sign, o, backend)
+        return reduce_loss(table, rows, options.reduction, o.ignore_index), table
+    coef = row_coefficients(rows, options.reduction, o.ignore_index, torch.float32)
+    need = student.requires_grad and torch.is_grad_enabled()
+    return _StoredGradient.apply(student, need, family, teacher, rows, coef, options, backend)
+
+
+def run_family(family: str, student: Tensor, teacher: tuple, rows: Rows, options: LossOptions,
+               dtype: torch.dtype):
+    """Dispatch one family's loss (single device or vocabulary parallel) and reduce it."""
+    parallel = options.process_group is not None
+    backend = _dispatch.resolve(options.backend, student.device, dtype, family=family,
+                                parallel=parallel, divergence=options.rows.divergence)
+    if parallel:
+        from . import parallel as _parallel
+
+        table = _parallel.rows(family, student, teacher, rows.tokens, rows.sign, options.rows,
+                               options.process_group, backend)
+        loss = reduce_loss(table, rows, options.reduction, options.rows.ignore_index)
+    else:
+        loss, table = _family_loss(family, student, teacher, rows, options, backend)
+    return finish(loss, table, rows, options)
 
 
 # ---------------------------------------------------------------------------
 # public losses
+
+def _check_teacher_logits(teacher_logits, student_logits: Tensor) -> None:
+    check_logits("teacher_logits", teacher_logits)
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if teacher_logits.shape[:-1] != lead:
+        hint = ""
+        if teacher_logits.shape == lead:
+            hint = (": that is the shape of per-token log-probabilities; for a teacher that "
+                    "gives only the sampled token's log-probability use sampled_opd_loss("
+                    "student_logits, teacher_logprobs, tokens)")
+        raise ValueError(f"teacher_logits: expected the teacher's logits, shape "
+                         f"{tuple(lead) + ('V_T',)} with V_T >= {vocab} (the leading shape of "
+                         f"student_logits and a vocabulary), got {tuple(teacher_logits.shape)}"
+                         + hint)
+    if teacher_logits.shape[-1] < vocab:
+        raise ValueError(f"teacher_logits: vocabulary V_T={teacher_logits.shape[-1]} is smaller "
+                         f"than the student's V={vocab}; V_T >= V is needed")
+    check_device("teacher_logits", teacher_logits, student_logits.device)
+
+
+def _gated(student_logits, teacher_logits, tokens, verifier, weights, num_items_in_batch,
+           options: LossOptions):
+    check_logits("student_logits", student_logits)
+    rows = check_rows(student_logits, tokens, verifier, weights, num_items_in_batch, options)
+    _check_teacher_logits(teacher_logits, student_logits)
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    return run_family("logits", student_logits, (teacher_logits.detach(),), rows, options, dtype)
+
 
 def gated_opd_loss(
     student_logits: Tensor,
@@ -333,10 +486,13 @@ def gated_opd_loss(
     extrapolation: float = 1.8,
     interpolation: float = 1.0,
     divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     ignore_index: int = -100,
     weights: Optional[Tensor] = None,
     reduction: str = "mean",
+    num_items_in_batch=None,
     return_stats: bool = False,
     process_group=None,
     backend: str = "auto",
@@ -348,6 +504,9 @@ def gated_opd_loss(
 
         log q = log_softmax(lambda * lp_T + (1 - lambda + beta) * sg(lp_S))
         reverse_kl: KL(p_S || q)        forward_kl: KL(q || p_S)
+        jsd: pi KL(q || m) + (1 - pi) KL(p_S || m),  m = (1 - pi) p_S + pi q,  pi = jsd_beta
+
+    (docs/math.md has the gradients and every edge case.)
 
     Args:
         student_logits: (..., V) float32/bfloat16/float16/float64, any strides.
@@ -360,51 +519,38 @@ def gated_opd_loss(
             sequence (a prefix of the leading shape) or per position.
         beta: Veto's bridge exponent, >= 0.
         extrapolation, interpolation: lambda+ and lambda-, > 0.
-        divergence: ``"reverse_kl"`` or ``"forward_kl"``.
-        temperature: > 0, divides both models' logits.
-        weights: optional per-position multipliers of the loss (detached).
+        divergence: ``"reverse_kl"``, ``"forward_kl"`` or ``"jsd"`` (TRL's and Liger's
+            generalized Jensen-Shannon divergence with ``jsd_beta`` = TRL's ``beta``,
+            in (0, 1)).
+        temperature: > 0, divides the student's logits, and the teacher's unless
+            ``teacher_temperature`` (> 0) is given.
+        weights: optional per-position (or per-sequence) multipliers of the loss (detached).
         reduction: ``"mean"`` over unmasked positions, ``"sum"`` or ``"none"``.
+        num_items_in_batch: with ``"mean"``, divide the weighted sum by this count instead
+            of this call's unmasked positions: a number, or a one-element tensor (read on
+            the device, no host sync), e.g. Hugging Face's ``num_items_in_batch``, the count
+            over every micro-batch of a gradient-accumulation step and every data-parallel
+            rank. A count of 0 gives a loss of 0.
         return_stats: also return :class:`OPDStats`.
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded
-            (SPEC §7): each rank passes its shard of equal width, columns
-            ``[rank * V, (rank + 1) * V)`` of the global vocabulary, and global ``tokens``;
-            every rank gets the same loss and the gradient of its shard. CUDA tensors run the
-            Triton kernels (``"auto"``/``"triton"``), others the torch path.
-        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+            (docs/math.md, "Vocabulary parallel"): each rank passes its shard of equal
+            width, columns ``[rank * V, (rank + 1) * V)`` of the global vocabulary, and
+            global ``tokens``; every rank gets the same loss and the gradient of its shard.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``
+            (:func:`resolve_backend`).
 
     Returns:
         The float32 loss (a scalar, or shaped like ``tokens`` for "none"), and
         the statistics when ``return_stats`` is True.
     """
-    lead, tok, sign, w, lam_pos, lam_neg, temperature, ignore_index = _common(
-        student_logits, tokens, verifier, weights, extrapolation, interpolation, temperature,
-        ignore_index, reduction, return_stats, process_group)
-    _check_logits("teacher_logits", teacher_logits)
-    if teacher_logits.shape[:-1] != lead:
-        raise ValueError(f"teacher_logits: expected leading shape {tuple(lead)} like "
-                         f"student_logits, got {tuple(teacher_logits.shape)}")
-    if teacher_logits.shape[-1] < student_logits.shape[-1]:
-        raise ValueError(f"teacher_logits: vocabulary V_T={teacher_logits.shape[-1]} is smaller "
-                         f"than the student's V={student_logits.shape[-1]}; V_T >= V is needed")
-    _check_device("teacher_logits", teacher_logits, student_logits.device)
-    beta = _check_number("beta", beta, nonnegative=True)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    reverse = divergence == "reverse_kl"
-    if process_group is not None:
-        from . import parallel
-
-        path = _parallel_backend(backend, student_logits.device, torch.promote_types(
-            student_logits.dtype, teacher_logits.dtype), kernels=True)
-        rows = parallel.rows_parallel("opd", student_logits, teacher_logits, tok, sign,
-                                      group=process_group, backend=path, beta=beta, lam_pos=lam_pos,
-                                      lam_neg=lam_neg, reverse=reverse, temperature=temperature,
-                                      ignore_index=ignore_index)
-        return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
-    name = resolve_backend(backend, student_logits.device,
-                           torch.promote_types(student_logits.dtype, teacher_logits.dtype))
-    rows = _ops.opd_rows(student_logits, teacher_logits.detach(), tok, sign, beta, lam_pos,
-                         lam_neg, reverse, temperature, ignore_index, name)
-    return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
+    options = loss_options(
+        beta=beta, extrapolation=extrapolation, interpolation=interpolation,
+        divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
+        teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+        reduction=reduction, return_stats=return_stats, process_group=process_group,
+        backend=backend)
+    return _gated(student_logits, teacher_logits, tokens, verifier, weights, num_items_in_batch,
+                  options)
 
 
 def sampled_opd_loss(
@@ -419,6 +565,7 @@ def sampled_opd_loss(
     ignore_index: int = -100,
     weights: Optional[Tensor] = None,
     reduction: str = "mean",
+    num_items_in_batch=None,
     return_stats: bool = False,
     process_group=None,
     backend: str = "auto",
@@ -427,75 +574,52 @@ def sampled_opd_loss(
 
     Per position: ``A = lambda * delta`` (detached, delta = teacher_logprob -
     lp_S(y), the same gate as :func:`gated_opd_loss`) and ``loss = -A *
-    lp_S(y)``. Its expectation over y ~ p_S is the reverse-KL gradient toward
-    the lambda-bridge. ``teacher_logprobs`` (shaped like ``tokens``) are used as
-    given: compute them at the same temperature. Other arguments as in
-    :func:`gated_opd_loss`.
+    lp_S(y)``. Its expectation over y ~ p_S is the reverse-KL gradient toward the
+    lambda-bridge. ``teacher_logprobs`` (shaped like ``tokens``) are used as
+    given: compute them at the temperature the teacher sampled with. Other
+    arguments as in :func:`gated_opd_loss`.
     """
-    lead, tok, sign, w, lam_pos, lam_neg, temperature, ignore_index = _common(
-        student_logits, tokens, verifier, weights, extrapolation, interpolation, temperature,
-        ignore_index, reduction, return_stats, process_group)
+    options = loss_options(extrapolation=extrapolation, interpolation=interpolation,
+                           temperature=temperature, ignore_index=ignore_index,
+                           reduction=reduction, return_stats=return_stats,
+                           process_group=process_group, backend=backend)
+    check_logits("student_logits", student_logits)
+    rows = check_rows(student_logits, tokens, verifier, weights, num_items_in_batch, options)
     if not isinstance(teacher_logprobs, Tensor) or not teacher_logprobs.is_floating_point():
         raise TypeError("teacher_logprobs: expected a floating tensor of log-probabilities, got "
                         f"{getattr(teacher_logprobs, 'dtype', type(teacher_logprobs).__name__)}")
-    if teacher_logprobs.shape != lead:
-        raise ValueError(f"teacher_logprobs: expected shape {tuple(lead)} (like tokens), got "
-                         f"{tuple(teacher_logprobs.shape)}")
-    _check_device("teacher_logprobs", teacher_logprobs, student_logits.device)
+    if teacher_logprobs.shape != student_logits.shape[:-1]:
+        raise ValueError(f"teacher_logprobs: expected shape {rows.lead} (like tokens: one "
+                         f"log-probability per position), got {tuple(teacher_logprobs.shape)}")
+    check_device("teacher_logprobs", teacher_logprobs, student_logits.device)
     tlp = teacher_logprobs.detach().reshape(-1).contiguous()
-    if process_group is not None:
-        from . import parallel
-
-        _parallel_backend(backend, student_logits.device, student_logits.dtype, kernels=False)
-        rows = parallel.rows_parallel("sampled", student_logits, tlp, tok, sign,
-                                      group=process_group, lam_pos=lam_pos, lam_neg=lam_neg,
-                                      temperature=temperature, ignore_index=ignore_index)
-        return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
-    name = resolve_backend(backend, student_logits.device, student_logits.dtype)
-    rows = _ops.sampled_rows(student_logits, tlp, tok, sign, lam_pos, lam_neg, temperature,
-                             ignore_index, name)
-    return _reduce(rows, tok, w, lead, ignore_index, reduction, return_stats)
+    return run_family("sampled", student_logits, (tlp,), rows, options, student_logits.dtype)
 
 
 class GatedOPDLoss(torch.nn.Module):
-    """``gated_opd_loss`` as a module holding its keyword arguments.
+    """``gated_opd_loss`` as a module holding its (validated) keyword options.
 
     ``GatedOPDLoss(beta=0.1, divergence="forward_kl")(student_logits,
-    teacher_logits, tokens, verifier=None, weights=None)``. Keywords are
-    validated at construction.
+    teacher_logits, tokens, verifier=None, weights=None, num_items_in_batch=None)``.
     """
+
+    KEYWORDS = ("beta", "extrapolation", "interpolation", "divergence", "jsd_beta",
+                "temperature", "teacher_temperature", "ignore_index", "reduction",
+                "return_stats", "process_group", "backend")
 
     def __init__(self, **keywords):
         super().__init__()
-        allowed = {"beta", "extrapolation", "interpolation", "divergence", "temperature",
-                   "ignore_index", "reduction", "return_stats", "process_group", "backend"}
-        unknown = set(keywords) - allowed
+        unknown = set(keywords) - set(self.KEYWORDS)
         if unknown:
             raise TypeError(f"GatedOPDLoss: unknown keyword(s) {sorted(unknown)}; expected "
-                            f"some of {sorted(allowed)}")
-        if "beta" in keywords:
-            _check_number("beta", keywords["beta"], nonnegative=True)
-        for name in ("extrapolation", "interpolation", "temperature"):
-            if name in keywords:
-                _check_number(name, keywords[name], positive=True)
-        if "ignore_index" in keywords and (isinstance(keywords["ignore_index"], bool) or not
-                                           isinstance(keywords["ignore_index"], numbers.Integral)):
-            raise TypeError(f"ignore_index: expected an int, got "
-                            f"{type(keywords['ignore_index']).__name__}")
-        if "return_stats" in keywords and not isinstance(keywords["return_stats"], bool):
-            raise TypeError(f"return_stats: expected a bool, got "
-                            f"{type(keywords['return_stats']).__name__}")
-        if "divergence" in keywords:
-            _check_choice("divergence", keywords["divergence"], DIVERGENCES)
-        if "reduction" in keywords:
-            _check_choice("reduction", keywords["reduction"], REDUCTIONS)
-        if "backend" in keywords:
-            _check_choice("backend", keywords["backend"], BACKENDS)
+                            f"some of {sorted(self.KEYWORDS)}")
+        self.options = loss_options(**keywords)
         self.keywords = dict(keywords)
 
-    def forward(self, student_logits, teacher_logits, tokens, verifier=None, weights=None):
-        return gated_opd_loss(student_logits, teacher_logits, tokens, verifier,
-                              weights=weights, **self.keywords)
+    def forward(self, student_logits, teacher_logits, tokens, verifier=None, weights=None,
+                num_items_in_batch=None):
+        return _gated(student_logits, teacher_logits, tokens, verifier, weights,
+                      num_items_in_batch, self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())

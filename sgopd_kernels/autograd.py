@@ -1,34 +1,39 @@
-"""The losses as ``torch.library`` custom ops with autograd and fake implementations.
+"""The losses as ``torch.library`` custom ops, one set per loss family.
 
-Each op maps logits to the per-row table of :mod:`sgopd_kernels._rows`;
-the reductions (weights, mean/sum/none, statistics) are ordinary O(rows)
-PyTorch on that table, so autograd hands the backward kernel one incoming
-gradient per row and no reduction needs a host sync. The backend is an
-argument of the op: the implementations are imported when first called.
-``torch.compile(fullgraph=True)`` traces through these ops without a break.
+Each family has a forward op that maps its inputs to the per-row table of
+:mod:`sgopd_kernels._rows` and a backward op that maps the per-row incoming
+gradient to the gradient of the student's logits. The reductions (weights,
+mean/sum/none, statistics) are ordinary O(rows) PyTorch on the table, so
+autograd hands the backward one incoming gradient per row and no reduction
+needs a host sync. The options reach the ops flattened by
+:meth:`RowOptions.op_args` (a schema cannot take a dataclass), the backend's
+name last; the backend module is found through :mod:`sgopd_kernels._dispatch`
+when the op first runs. Every op has a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through a loss call without a break.
+
+A third op per family, ``<family>_rows_grad``, returns the table and the
+gradient at once, each row scaled by a given coefficient: the backward of a
+backend that writes its gradient in forward (and the fused-linear path's
+chunks). A backend without a kernel for it gets the forward then the backward.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import _dispatch
 from . import _rows as C
+from ._options import N_OP_ARGS, OP_SCHEMA, RowOptions
+
+_LIB = torch.library.Library("sgopd_kernels", "DEF")  # noqa: TOR901 (ops of this package)
 
 
-def _impl(backend: str):
-    if backend == "torch":
-        return importlib.import_module("sgopd_kernels.reference")
-    if backend == "triton":
-        return importlib.import_module("sgopd_kernels.triton")
-    raise RuntimeError(f"backend={backend!r} has no implementation in this build")
-
-
-def _as_2d(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1])
+def _split(rest) -> Tuple[RowOptions, str]:
+    """The op's trailing arguments: the flattened options, then the backend."""
+    return RowOptions.from_op_args(*rest[:N_OP_ARGS]), rest[N_OP_ARGS]
 
 
 def _table_dtype(backend: str, *tensors: Tensor) -> torch.dtype:
@@ -38,112 +43,124 @@ def _table_dtype(backend: str, *tensors: Tensor) -> torch.dtype:
     return torch.float32
 
 
-# ---------------------------------------------------------------------------
-# full-logits loss
-
-@torch.library.custom_op("sgopd_kernels::opd_rows", mutates_args=())
-def opd_rows(student: Tensor, teacher: Tensor, tokens: Tensor, sign: Optional[Tensor],
-             beta: float, lam_pos: float, lam_neg: float, reverse: bool, temperature: float,
-             ignore_index: int, backend: str) -> Tensor:
-    kw = dict(beta=beta, lam_pos=lam_pos, lam_neg=lam_neg, reverse=reverse,
-              temperature=temperature, ignore_index=ignore_index)
-    if backend == "torch":
-        return _impl(backend).opd_rows(_as_2d(student), _as_2d(teacher), tokens, sign, **kw)
-    return _impl(backend).opd_rows(student, teacher, tokens, sign, **kw)
+def _define(name: str, tensors: str, returns: str, impl, fake) -> None:
+    qualname = f"sgopd_kernels::{name}"
+    _LIB.define(f"{name}({tensors}, {OP_SCHEMA}, str backend) -> {returns}")
+    torch.library.impl(qualname, "CompositeExplicitAutograd", impl, lib=_LIB)
+    torch.library.register_fake(qualname, fake, lib=_LIB)
 
 
-@opd_rows.register_fake
-def _(student, teacher, tokens, sign, beta, lam_pos, lam_neg, reverse, temperature,
-      ignore_index, backend):
-    return student.new_empty((tokens.numel(), C.ROW_K), dtype=_table_dtype(backend, student,
-                                                                            teacher))
-
-
-@torch.library.custom_op("sgopd_kernels::opd_rows_backward", mutates_args=())
-def opd_rows_backward(grad_rows: Tensor, student: Tensor, teacher: Tensor, tokens: Tensor,
-                      rows: Tensor, reverse: bool, temperature: float, ignore_index: int,
-                      backend: str) -> Tensor:
-    kw = dict(reverse=reverse, temperature=temperature, ignore_index=ignore_index)
-    if backend == "torch":
-        g = _impl(backend).opd_rows_backward(grad_rows, _as_2d(student), _as_2d(teacher),
-                                             tokens, rows, **kw)
-        return g.view(student.shape)
-    return _impl(backend).opd_rows_backward(grad_rows, student, teacher, tokens, rows, **kw)
-
-
-@opd_rows_backward.register_fake
-def _(grad_rows, student, teacher, tokens, rows, reverse, temperature, ignore_index, backend):
-    return student.new_empty(student.shape)
-
-
-def _opd_setup(ctx, inputs, output):
-    student, teacher, tokens, _sign, _b, _lp, _ln, reverse, temperature, ignore_index, \
-        backend = inputs
-    ctx.save_for_backward(student, teacher, tokens, output)
-    ctx.args = (reverse, temperature, ignore_index, backend)
-
-
-def _opd_backward(ctx, grad):
-    student, teacher, tokens, rows = ctx.saved_tensors
-    grad_student = None
-    if ctx.needs_input_grad[0]:
-        grad_student = opd_rows_backward(grad[:, C.LOSS].contiguous(), student, teacher, tokens,
-                                         rows, *ctx.args)
-    return (grad_student,) + (None,) * 10
-
-
-opd_rows.register_autograd(_opd_backward, setup_context=_opd_setup)
+def _op(name: str):
+    return getattr(torch.ops.sgopd_kernels, name).default
 
 
 # ---------------------------------------------------------------------------
-# sampled-token estimator
+# the families: each op takes (student, *teacher, tokens, ...); backend modules implement
+# <prefix>_rows(student, *teacher, tokens, sign, opts),
+# <prefix>_rows_backward(grad_rows, student, *teacher, tokens, rows, opts) and optionally
+# <prefix>_rows_grad(student, *teacher, tokens, sign, coef, opts) -> (rows, grad)
 
-@torch.library.custom_op("sgopd_kernels::sampled_rows", mutates_args=())
-def sampled_rows(student: Tensor, teacher_logprobs: Tensor, tokens: Tensor,
-                 sign: Optional[Tensor], lam_pos: float, lam_neg: float, temperature: float,
-                 ignore_index: int, backend: str) -> Tensor:
-    if backend == "torch":
-        student = _as_2d(student)
-    return _impl(backend).sampled_rows(student, teacher_logprobs, tokens, sign, lam_pos=lam_pos,
-                                       lam_neg=lam_neg, temperature=temperature,
-                                       ignore_index=ignore_index)
+class Family(NamedTuple):
+    name: str        # the key of _rows.WIDTH and _dispatch.FAMILIES
+    prefix: str      # the ops' and the backend functions' name prefix
+    teacher: tuple   # the teacher's tensors, as schema arguments
 
 
-@sampled_rows.register_fake
-def _(student, teacher_logprobs, tokens, sign, lam_pos, lam_neg, temperature, ignore_index,
-      backend):
-    return student.new_empty((tokens.numel(), C.SAMPLED_ROW_K),
-                             dtype=_table_dtype(backend, student, teacher_logprobs))
+FAMILIES = {
+    "logits": Family("logits", "opd", ("Tensor teacher",)),
+    "sampled": Family("sampled", "sampled", ("Tensor teacher_logprobs",)),
+}
 
 
-@torch.library.custom_op("sgopd_kernels::sampled_rows_backward", mutates_args=())
-def sampled_rows_backward(grad_rows: Tensor, student: Tensor, tokens: Tensor, rows: Tensor,
-                          temperature: float, ignore_index: int, backend: str) -> Tensor:
-    kw = dict(temperature=temperature, ignore_index=ignore_index)
-    if backend == "torch":
-        g = _impl(backend).sampled_rows_backward(grad_rows, _as_2d(student), tokens, rows, **kw)
-        return g.view(student.shape)
-    return _impl(backend).sampled_rows_backward(grad_rows, student, tokens, rows, **kw)
+def _fake_rows(family: Family, backend: str, student: Tensor, teacher, tokens: Tensor):
+    tensors = [student] + [x for x in teacher if x is not None]
+    return student.new_empty((tokens.numel(), C.WIDTH[family.name]),
+                             dtype=_table_dtype(backend, *tensors))
 
 
-@sampled_rows_backward.register_fake
-def _(grad_rows, student, tokens, rows, temperature, ignore_index, backend):
-    return student.new_empty(student.shape)
+def _define_family(f: Family) -> None:
+    k = len(f.teacher)
+    inputs = ", ".join(("Tensor student",) + f.teacher + ("Tensor tokens", "Tensor? sign"))
+
+    def forward(student, *args):
+        teacher, (tokens, sign), (opts, backend) = args[:k], args[k:k + 2], _split(args[k + 2:])
+        return getattr(_dispatch.module(backend), f"{f.prefix}_rows")(
+            student, *teacher, tokens, sign, opts)
+
+    def forward_fake(student, *args):
+        return _fake_rows(f, _split(args[k + 2:])[1], student, args[:k], args[k])
+
+    def backward(grad_rows, student, *args):
+        teacher, (tokens, rows_), (opts, backend) = args[:k], args[k:k + 2], _split(args[k + 2:])
+        return getattr(_dispatch.module(backend), f"{f.prefix}_rows_backward")(
+            grad_rows, student, *teacher, tokens, rows_, opts)
+
+    def backward_fake(grad_rows, student, *args):
+        return student.new_empty(student.shape)
+
+    def fused(student, *args):
+        teacher, (tokens, sign, coef) = args[:k], args[k:k + 3]
+        opts, backend = _split(args[k + 3:])
+        mod = _dispatch.module(backend)
+        kernel = getattr(mod, f"{f.prefix}_rows_grad", None)
+        if kernel is not None:
+            return kernel(student, *teacher, tokens, sign, coef, opts)
+        rows_ = getattr(mod, f"{f.prefix}_rows")(student, *teacher, tokens, sign, opts)
+        return rows_, getattr(mod, f"{f.prefix}_rows_backward")(coef, student, *teacher, tokens,
+                                                                rows_, opts)
+
+    def fused_fake(student, *args):
+        opts, backend = _split(args[k + 3:])
+        return (_fake_rows(f, backend, student, args[:k], args[k]),
+                student.new_empty(student.shape))
+
+    bwd_inputs = ", ".join(("Tensor grad_rows", "Tensor student") + f.teacher
+                           + ("Tensor tokens", "Tensor rows"))
+    _define(f"{f.prefix}_rows", inputs, "Tensor", forward, forward_fake)
+    _define(f"{f.prefix}_rows_backward", bwd_inputs, "Tensor", backward, backward_fake)
+    _define(f"{f.prefix}_rows_grad", inputs + ", Tensor coef", "(Tensor, Tensor)", fused,
+            fused_fake)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:k + 2], output)  # student, *teacher, tokens, rows
+        ctx.rest = inputs[k + 3:]
+        ctx.n_inputs = len(inputs)
+
+    def autograd_backward(ctx, grad):
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = _op(f"{f.prefix}_rows_backward")(
+                grad[:, C.LOSS].contiguous(), *ctx.saved_tensors, *ctx.rest)
+        return (grad_student,) + (None,) * (ctx.n_inputs - 1)
+
+    torch.library.register_autograd(f"sgopd_kernels::{f.prefix}_rows", autograd_backward,
+                                    setup_context=setup, lib=_LIB)
 
 
-def _sampled_setup(ctx, inputs, output):
-    student, _tlp, tokens, _sign, _lp, _ln, temperature, ignore_index, backend = inputs
-    ctx.save_for_backward(student, tokens, output)
-    ctx.args = (temperature, ignore_index, backend)
+for _family in FAMILIES.values():
+    _define_family(_family)
 
 
-def _sampled_backward(ctx, grad):
-    student, tokens, rows = ctx.saved_tensors
-    grad_student = None
-    if ctx.needs_input_grad[0]:
-        grad_student = sampled_rows_backward(grad[:, C.LOSS].contiguous(), student, tokens, rows,
-                                             *ctx.args)
-    return (grad_student,) + (None,) * 8
+# ---------------------------------------------------------------------------
+# the Python entry points of the ops (teacher: the family's teacher tensors, in order)
+
+def rows(family: str, student: Tensor, teacher: tuple, tokens: Tensor, sign: Optional[Tensor],
+         opts: RowOptions, backend: str) -> Tensor:
+    """The per-row table of ``family``; differentiable in ``student`` (recompute backward)."""
+    return _op(f"{FAMILIES[family].prefix}_rows")(student, *teacher, tokens, sign,
+                                                  *opts.op_args(), backend)
 
 
-sampled_rows.register_autograd(_sampled_backward, setup_context=_sampled_setup)
+def rows_backward(family: str, grad_rows: Tensor, student: Tensor, teacher: tuple,
+                  tokens: Tensor, table: Tensor, opts: RowOptions, backend: str) -> Tensor:
+    """d (sum_r grad_rows[r] loss_r) / d student, from the table of the forward."""
+    return _op(f"{FAMILIES[family].prefix}_rows_backward")(
+        grad_rows, student, *teacher, tokens, table, *opts.op_args(), backend)
+
+
+def rows_grad(family: str, student: Tensor, teacher: tuple, tokens: Tensor,
+              sign: Optional[Tensor], coef: Tensor, opts: RowOptions,
+              backend: str) -> Tuple[Tensor, Tensor]:
+    """(table, gradient with row r scaled by coef[r]); not differentiable."""
+    return _op(f"{FAMILIES[family].prefix}_rows_grad")(student, *teacher, tokens, sign, coef,
+                                                       *opts.op_args(), backend)

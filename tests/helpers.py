@@ -7,6 +7,7 @@ import math
 import torch
 
 from sgopd_kernels import reference
+from sgopd_kernels.api import row_options
 
 # unit roundoff of the gradient's dtype (the kernels compute in float32 and round once)
 ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11,
@@ -51,12 +52,14 @@ def _stats(r, valid):
         mean_delta=float(r["delta"].sum()) / n,
         teacher_kl=float(r["teacher_kl"].sum()) / n,
         student_entropy=float(r["entropy"].sum()) / n,
+        divergence=float(r["loss"].detach().sum()) / n,
     )
 
 
 def oracle_opd(student, teacher, tokens, verifier=None, *, beta=0.0, extrapolation=1.8,
-               interpolation=1.0, divergence="reverse_kl", temperature=1.0, ignore_index=-100,
-               weights=None, reduction="mean", grad_out=None, dtype=torch.float64):
+               interpolation=1.0, divergence="reverse_kl", jsd_beta=0.5, temperature=1.0,
+               teacher_temperature=None, ignore_index=-100, weights=None, reduction="mean",
+               grad_out=None, dtype=torch.float64):
     """(loss, stats dict, grad) of gated_opd_loss through torch.autograd, in float64.
 
     ``dtype=torch.float32`` gives the same computation as eager float32 PyTorch
@@ -67,10 +70,10 @@ def oracle_opd(student, teacher, tokens, verifier=None, *, beta=0.0, extrapolati
     s = student.detach().to(dtype).reshape(-1, vocab).requires_grad_(True)
     t = teacher.detach().to(dtype).reshape(-1, teacher.shape[-1])[:, :vocab]
     tok = tokens.reshape(-1).long()
-    r = reference.bridge_terms(
-        s, t, tok, _cast(sign_rows(verifier, lead), dtype), beta=beta, lam_pos=extrapolation,
-        lam_neg=interpolation, reverse=divergence == "reverse_kl", temperature=temperature,
-        ignore_index=ignore_index)
+    opts = row_options(beta=beta, extrapolation=extrapolation, interpolation=interpolation,
+                       divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
+                       teacher_temperature=teacher_temperature, ignore_index=ignore_index)
+    r = reference.bridge_terms(s, t, tok, _cast(sign_rows(verifier, lead), dtype), opts)
     valid = tok != ignore_index
     loss = _reduce(r["loss"], valid, weights, lead, reduction)
     loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(dtype))
@@ -88,11 +91,10 @@ def oracle_sampled(student, teacher_logprobs, tokens, verifier=None, *, extrapol
     vocab = student.shape[-1]
     s = student.detach().to(dtype).reshape(-1, vocab).requires_grad_(True)
     tok = tokens.reshape(-1).long()
-    r = reference.sampled_terms(
-        s, teacher_logprobs.detach().to(dtype).reshape(-1), tok,
-        _cast(sign_rows(verifier, lead), dtype),
-        lam_pos=extrapolation, lam_neg=interpolation, temperature=temperature,
-        ignore_index=ignore_index)
+    opts = row_options(extrapolation=extrapolation, interpolation=interpolation,
+                       temperature=temperature, ignore_index=ignore_index)
+    r = reference.sampled_terms(s, teacher_logprobs.detach().to(dtype).reshape(-1), tok,
+                                _cast(sign_rows(verifier, lead), dtype), opts)
     valid = tok != ignore_index
     loss = _reduce(r["loss"], valid, weights, lead, reduction)
     loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(dtype))

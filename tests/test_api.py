@@ -22,7 +22,7 @@ def test_public_names():
     assert set(sk.__all__) >= {"gated_opd_loss", "sampled_opd_loss", "GatedOPDLoss", "OPDStats",
                                "resolve_backend", "fused_linear_gated_opd_loss", "__version__"}
     assert sk.OPDStats._fields == ("consistent_frac", "conflict_frac", "mean_delta",
-                                   "teacher_kl", "student_entropy")
+                                   "teacher_kl", "student_entropy", "divergence")
 
 
 # --------------------------------------------------------------------------- validation
@@ -53,9 +53,20 @@ BAD_CALLS = [
     (dict(extrapolation=0.0), ValueError, "extrapolation"),
     (dict(interpolation=-1.0), ValueError, "interpolation"),
     (dict(divergence="js"), ValueError, "divergence"),
+    (dict(divergence="jsd", jsd_beta=0.0), ValueError, "jsd_beta"),
+    (dict(divergence="jsd", jsd_beta=1.0), ValueError, "jsd_beta"),
+    (dict(jsd_beta=1.5), ValueError, "jsd_beta"),
+    (dict(teacher_temperature=0.0), ValueError, "teacher_temperature"),
+    (dict(teacher_temperature=float("inf")), ValueError, "teacher_temperature"),
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=-3.0), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=torch.tensor(True)), TypeError, "num_items_in_batch"),
+    (dict(num_items_in_batch=8, reduction="sum"), ValueError, "num_items_in_batch"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(backend="jax"), ValueError, "backend"),
     (dict(backend="cuda"), RuntimeError, "cuda"),
+    (dict(backend="cpu"), RuntimeError, "cpu"),
     (dict(ignore_index=1.5), TypeError, "ignore_index"),
     (dict(return_stats=1), TypeError, "return_stats"),
     (dict(process_group=object()), RuntimeError, "process_group"),
@@ -136,9 +147,20 @@ def test_resolve_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         sk.resolve_backend("triton", "cpu")
+    assert sk.resolve_backend("auto", "cpu", family="sampled", parallel=True) == "torch"
+    with pytest.raises(ValueError, match="family"):
+        sk.resolve_backend("auto", "cpu", family="topp")
+    with pytest.raises(ValueError, match="divergence"):
+        sk.resolve_backend("auto", "cpu", divergence="tv")
+    with pytest.raises(NotImplementedError, match="process_group"):
+        sk.resolve_backend("cuda", "cpu", family="sampled", parallel=True)
+    with pytest.raises(TypeError, match="float64"):
+        sk.resolve_backend("triton", "cpu", torch.float64)
     if HAS_CUDA:
         assert sk.resolve_backend("auto", "cuda") == "triton"
         assert sk.resolve_backend("auto", "cuda", torch.float64) == "torch"
+        assert sk.resolve_backend("auto", "cuda", parallel=True) == "triton"
+        assert sk.resolve_backend("auto", "cuda", family="sampled", parallel=True) == "torch"
 
 
 # --------------------------------------------------------------------------- semantics
@@ -224,29 +246,6 @@ def test_teacher_gets_no_gradient():
     assert t.grad is None and x.grad is not None
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_torch_compile_fullgraph(backend):
-    dev = TRITON_DEVICE if backend == "triton" else "cpu"
-    s, t, y = _inputs(shape=(2, 5), vocab=33, vocab_t=40)
-    s, t, y = s.to(dev), t.to(dev), y.to(dev)
-    v = torch.tensor([True, False], device=dev)
-
-    def step(x):
-        loss, stats = sk.gated_opd_loss(x, t, y, v, beta=0.3, return_stats=True,
-                                        backend=backend)
-        return loss * 2.0, stats.teacher_kl
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    x1 = s.clone().requires_grad_(True)
-    x2 = s.clone().requires_grad_(True)
-    l1, k1 = step(x1)
-    l2, k2 = compiled(x2)
-    l1.backward()
-    l2.backward()
-    assert torch.allclose(l1, l2) and torch.allclose(k1, k2)
-    assert torch.allclose(x1.grad, x2.grad)
-
-
 @needs_cuda
 def test_no_host_sync_on_cuda():
     s, t, y = _inputs(shape=(4, 8), vocab=1000)
@@ -298,3 +297,102 @@ def test_mean_counts_unmasked_positions_only():
     assert_close(total, per_row.sum(), rtol=1e-6, atol=0)
     want, _, _ = oracle_opd(s, t, y)
     assert_close(mean, want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- defects a
+# trainer integration found (each failed before)
+
+def test_per_token_logprobs_as_teacher_logits_point_to_sampled_loss():
+    s, t, y = _inputs(shape=(4, 16))
+    with pytest.raises(ValueError, match="sampled_opd_loss") as e:
+        sk.gated_opd_loss(s, t[..., 0], y)
+    assert "V_T" in str(e.value) and "(4, 16)" in str(e.value)
+
+
+def test_non_negative_float_rewards_warn():
+    s, t, y = _inputs(shape=(4, 3))
+    with pytest.warns(UserWarning, match="centring"):
+        sk.gated_opd_loss(s, t, y, torch.tensor([0.2, 0.9, 0.4, 0.7]))
+    with pytest.warns(UserWarning, match="0s and 1s"):
+        sk.sampled_opd_loss(s, t[..., 0], y, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    with warnings.catch_warnings():  # centred advantages, and constant tensors, read as meant
+        warnings.simplefilter("error")
+        sk.gated_opd_loss(s, t, y, torch.tensor([0.3, -0.2, 0.4, -0.5]))
+        sk.gated_opd_loss(s, t, y, torch.ones(4))
+
+
+def test_num_items_in_batch_gives_the_global_mean():
+    """Gradient accumulation over two micro-batches, normalized by the global token count:
+    the sum of the parts equals the mean over the whole batch (a local mean does not)."""
+    s, t, y = _inputs(shape=(4, 5), vocab=13)
+    y[0, :3] = -100
+    y[3, 1] = -100
+    v = torch.tensor([True, False, True, True])
+    w = torch.rand(4, 5, generator=torch.Generator().manual_seed(3))
+    x = s.clone().requires_grad_(True)
+    whole = sk.gated_opd_loss(x, t, y, v, weights=w)
+    (g_whole,) = torch.autograd.grad(whole, x)
+    count = int((y != -100).sum())
+    for n_items in (count, torch.tensor(count), torch.tensor(float(count))):
+        x = s.clone().requires_grad_(True)
+        parts = [sk.gated_opd_loss(x[a:a + 2], t[a:a + 2], y[a:a + 2], v[a:a + 2],
+                                   weights=w[a:a + 2], num_items_in_batch=n_items)
+                 for a in (0, 2)]
+        (g,) = torch.autograd.grad(parts[0] + parts[1], x)
+        assert_close(parts[0] + parts[1], whole, rtol=1e-6, atol=0, what="loss")
+        assert_close(g, g_whole, rtol=1e-6, atol=1e-9, what="grad")
+    local = sum(sk.gated_opd_loss(s[a:a + 2], t[a:a + 2], y[a:a + 2], v[a:a + 2],
+                                  weights=w[a:a + 2]) for a in (0, 2))
+    assert abs(float(local) - float(whole.detach())) > 1e-3  # a local mean is not the global one
+    # a global count of 0 (nothing anywhere): 0, not NaN
+    y0 = torch.full_like(y, -100)
+    assert float(sk.gated_opd_loss(s, t, y0, num_items_in_batch=torch.tensor(0))) == 0.0
+    # the module and the sampled estimator take it too
+    mod = sk.GatedOPDLoss()
+    assert torch.equal(mod(s, t, y, v, weights=w, num_items_in_batch=count), whole)
+    sam = sk.sampled_opd_loss(s, t[..., 0], y, v, num_items_in_batch=2 * count)
+    assert_close(2 * sam, sk.sampled_opd_loss(s, t[..., 0], y, v), rtol=1e-6, atol=0)
+
+
+def test_teacher_temperature_is_separate():
+    s, t, y = _inputs(shape=(2, 3))
+    a = sk.gated_opd_loss(s, t, y, temperature=0.7, teacher_temperature=1.3)
+    b = sk.gated_opd_loss(s, t * (0.7 / 1.3), y, temperature=0.7)
+    assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(sk.gated_opd_loss(s, t, y, temperature=0.7, teacher_temperature=0.7),
+                       sk.gated_opd_loss(s, t, y, temperature=0.7))
+
+
+def test_stored_gradient_path_equals_recompute(monkeypatch):
+    """A backend that writes its gradient in forward (the compiled kernels) goes through
+    api._StoredGradient: with the torch backend marked so, every reduction, grad_output != 1
+    and evaluation give the recompute path's loss and gradient; a second backward raises."""
+    from sgopd_kernels import _dispatch
+
+    s, t, y = _inputs(shape=(3, 4), vocab=17, vocab_t=19)
+    y[1, 2] = -100
+    v = torch.tensor([1.0, -1.0, 0.0])
+    w = torch.rand(3, 4, generator=torch.Generator().manual_seed(4))
+    ref = {}
+    for stores in (False, True):
+        monkeypatch.setitem(_dispatch.BY_NAME, "torch", _dispatch.dataclasses.replace(
+            _dispatch.BY_NAME["torch"], stores_grad=stores))
+        out = []
+        for reduction in ("mean", "sum", "none"):
+            x = s.clone().requires_grad_(True)
+            loss = sk.gated_opd_loss(x, t, y, v, beta=0.2, weights=w, reduction=reduction,
+                                     divergence="forward_kl", backend="torch")
+            gout = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
+            (g,) = torch.autograd.grad(loss, x, gout)
+            out += [loss.detach(), g]
+        with torch.no_grad():
+            out.append(sk.gated_opd_loss(s, t, y, v, backend="torch"))
+        ref[stores] = out
+        if stores:
+            x = s.clone().requires_grad_(True)
+            loss = sk.gated_opd_loss(x, t, y, v, backend="torch")
+            loss.backward(retain_graph=True)
+            with pytest.raises(RuntimeError, match="backward ran twice"):
+                loss.backward()
+    for a, b in zip(ref[False], ref[True]):
+        assert_close(a, b, rtol=1e-6, atol=1e-9)

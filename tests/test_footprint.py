@@ -17,9 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import sgopd_kernels as sk
+from sgopd_kernels.api import row_options
 from sgopd_kernels.triton import logits as tlogits
 from sgopd_kernels.triton import sampled as tsampled
 from conftest import TRITON_DEVICE, needs_triton
+from families import FAMILIES, KERNELS, ids
 
 pytestmark = needs_triton
 
@@ -79,46 +81,58 @@ def _inputs(dtype=torch.bfloat16):
     return s, t, y, v
 
 
+PUBLIC = [(f, b) for f in FAMILIES for b in KERNELS]
+
+
+@pytest.mark.parametrize("fam,backend", PUBLIC, ids=ids(PUBLIC))
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
-def test_logits_path_allocates_one_gradient_and_reads_nothing(divergence):
-    s, t, y, v = _inputs()
+def test_public_path_allocates_one_gradient_and_reads_nothing(fam, backend, divergence):
+    """Every family on every kernel backend: forward and backward through the public call
+    allocate one logits-sized tensor (the gradient, in the logits' dtype) and read no value
+    on the host."""
+    name, dev = backend
+    if fam.name != "logits" and divergence != "reverse_kl":
+        pytest.skip("the divergence is an option of the logits family only")
+    s, t, y, v = (x.to(dev) for x in _inputs())
+    teacher = fam.teacher(s, torch.Generator().manual_seed(2))
+    if fam.name == "logits":
+        teacher = (t,)  # the padded teacher of _inputs, in bfloat16
+    kw = dict(fam.options, divergence=divergence) if fam.name == "logits" else fam.options
     x = s.clone().requires_grad_(True)
-    nv = s.numel()
     with Record() as public:
-        loss, stats = sk.gated_opd_loss(x, t, y, v, beta=0.1, divergence=divergence,
-                                        return_stats=True, backend="triton")
+        loss, stats = fam(x, teacher, y, v, return_stats=True, backend=name, **kw)
         loss.backward()
+    assert public.host_reads == []
+    big = _full_size(public, s.numel())
+    # one allocation as large as the logits: the gradient, in bfloat16; no float32 copy
+    assert len(big) == 1 and big[0][1:] == (tuple(s.shape), torch.bfloat16), big
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_logits_launchers_allocate_one_gradient_and_read_nothing(divergence):
+    s, t, y, v = _inputs()
     # inside the custom ops: the launchers' own tensors
     sign = torch.tensor([1.0] * 3 + [-1.0] * 3, device=TRITON_DEVICE)
-    kw = dict(reverse=divergence == "reverse_kl", temperature=1.0, ignore_index=-100)
+    opts = row_options(beta=0.1, divergence=divergence)
     with Record() as launchers:
-        rows = tlogits.opd_rows(s, t, y.reshape(-1), sign, beta=0.1, lam_pos=1.8, lam_neg=1.0,
-                                **kw)
+        rows = tlogits.opd_rows(s, t, y.reshape(-1), sign, opts)
         tlogits.opd_rows_backward(torch.ones(6, device=TRITON_DEVICE), s, t, y.reshape(-1),
-                                  rows, **kw)
-    for rec in (public, launchers):
-        assert rec.host_reads == []
-        big = _full_size(rec, nv)
-        # one allocation as large as the logits: the gradient, in bfloat16; no float32 copy
-        assert len(big) == 1 and big[0][1:] == (tuple(s.shape), torch.bfloat16), big
+                                  rows, opts)
+    assert launchers.host_reads == []
+    big = _full_size(launchers, s.numel())
+    assert len(big) == 1 and big[0][1:] == (tuple(s.shape), torch.bfloat16), big
 
 
-def test_sampled_path_allocates_one_gradient_and_reads_nothing():
+def test_sampled_launchers_allocate_one_gradient_and_read_nothing():
     s, t, y, v = _inputs()
-    x = s.clone().requires_grad_(True)
     tlp = -torch.rand(2, 3, device=TRITON_DEVICE)
-    with Record() as public:
-        loss = sk.sampled_opd_loss(x, tlp, y, v, backend="triton")
-        loss.backward()
     with Record() as launchers:
-        rows = tsampled.sampled_rows(s, tlp.reshape(-1), y.reshape(-1), None, lam_pos=1.8,
-                                     lam_neg=1.0, temperature=1.0, ignore_index=-100)
-        tsampled.sampled_rows_backward(torch.ones(6, device=TRITON_DEVICE), s, y.reshape(-1),
-                                       rows, temperature=1.0, ignore_index=-100)
-    for rec in (public, launchers):
-        assert rec.host_reads == []
-        big = _full_size(rec, s.numel())
-        assert len(big) == 1 and big[0][1:] == (tuple(s.shape), torch.bfloat16), big
+        rows = tsampled.sampled_rows(s, tlp.reshape(-1), y.reshape(-1), None, row_options())
+        tsampled.sampled_rows_backward(torch.ones(6, device=TRITON_DEVICE), s, tlp.reshape(-1),
+                                       y.reshape(-1), rows, row_options())
+    assert launchers.host_reads == []
+    big = _full_size(launchers, s.numel())
+    assert len(big) == 1 and big[0][1:] == (tuple(s.shape), torch.bfloat16), big
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

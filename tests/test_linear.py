@@ -1,4 +1,4 @@
-"""fused_linear_gated_opd_loss equals gated_opd_loss on the materialized logits (SPEC §6)."""
+"""fused_linear_gated_opd_loss equals gated_opd_loss on the materialized logits (docs/math.md)."""
 
 import itertools
 
@@ -138,12 +138,12 @@ def test_stored_gradients_scaled_in_float32():
 
 def test_chunks_bound_the_logits(monkeypatch):
     seen = []
-    real = linear._logits
+    real = linear.Head.logits
 
-    def spy(h, w, b):
+    def spy(head, h):
         seen.append(h.shape[0])
-        return real(h, w, b)
-    monkeypatch.setattr(linear, "_logits", spy)
+        return real(head, h)
+    monkeypatch.setattr(linear.Head, "logits", spy)
     hs, ws, bs, ht, wt, bt, tok = _inputs()
     for reduction in ("mean", "none"):  # gradients in forward / recomputed in backward
         seen.clear()
@@ -206,12 +206,17 @@ def test_all_rows_masked_and_no_rows():
 
 
 BAD = [
-    (dict(student_hidden=torch.zeros(B, T, H, dtype=torch.float32)), TypeError, "student_weight"),
     (dict(student_weight=torch.zeros(V, H + 1, dtype=torch.float64)), ValueError,
      "student_weight"),
     (dict(student_weight=torch.zeros(V, H, dtype=torch.int64)), TypeError, "student_weight"),
     (dict(student_bias=torch.zeros(V + 1, dtype=torch.float64)), ValueError, "student_bias"),
-    (dict(student_bias=torch.zeros(V, dtype=torch.float32)), TypeError, "student_bias"),
+    (dict(student_bias=torch.zeros(V, dtype=torch.int64)), TypeError, "student_bias"),
+    (dict(student_logit_scale=0.0), ValueError, "student_logit_scale"),
+    (dict(teacher_logit_scale=float("nan")), ValueError, "teacher_logit_scale"),
+    (dict(student_softcap=0.0), ValueError, "student_softcap"),
+    (dict(teacher_softcap=-30.0), ValueError, "teacher_softcap"),
+    (dict(teacher_softcap="30"), TypeError, "teacher_softcap"),
+    (dict(num_items_in_batch=5, reduction="none"), ValueError, "num_items_in_batch"),
     (dict(teacher_hidden=torch.zeros(B, T + 1, H_T, dtype=torch.float64)), ValueError,
      "teacher_hidden"),
     (dict(teacher_weight=torch.zeros(V - 1, H_T, dtype=torch.float64)), ValueError, "V_T"),
@@ -256,3 +261,98 @@ def test_torch_compile_fullgraph():
     want = torch.autograd.grad(ref, (hs, ws))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+# --------------------------------------------------------------------------- heads as trainers
+# run them: scaled and softcapped logits, autocast, float32 master weights
+
+def _heads(z, scale, cap):
+    z = z * scale
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+@pytest.mark.parametrize("s_scale,s_cap,t_scale,t_cap", [
+    (1.0, 3.0, 1.0, 30.0),      # Gemma-2 style softcaps
+    (0.0625, None, 0.25, None),  # Cohere / Granite style scales
+    (2.0, 5.0, 1.0, None)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logit_scale_and_softcap_match_the_models_logits(s_scale, s_cap, t_scale, t_cap,
+                                                         reduction):
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    hs.data.mul_(3)  # logits large enough for the softcap to bend them
+    ver = torch.tensor([True, False])
+    kw = dict(beta=0.2, divergence="forward_kl", reduction=reduction, backend="torch")
+    loss = sk.fused_linear_gated_opd_loss(
+        hs, ws, ht, wt, tok, ver, student_bias=bs, teacher_bias=bt, chunk_size=3,
+        student_logit_scale=s_scale, student_softcap=s_cap, teacher_logit_scale=t_scale,
+        teacher_softcap=t_cap, **kw)
+    zs = _heads(hs @ ws.T + bs, s_scale, s_cap)
+    zt = _heads(ht @ wt.T + bt, t_scale, t_cap)
+    ref = sk.gated_opd_loss(zs, zt, tok, ver, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    gout = torch.rand(loss.shape, dtype=torch.float32) + 0.5
+    got = torch.autograd.grad(loss, (hs, ws, bs), gout)
+    want = torch.autograd.grad(ref, (hs, ws, bs), gout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    # without them the loss differs: the silent error a trainer would make
+    plain = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, ver, student_bias=bs,
+                                           teacher_bias=bt, **kw)
+    assert (plain - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_under_autocast_bfloat16(reduction):
+    """torch.autocast(bf16) with float32 parameters: no crash, the products in bf16, as the
+    materialized logits under the same autocast give them; gradients in float32."""
+    hs, ws, bs, ht, wt, bt, tok = _inputs(dtype=torch.float32)
+    kw = dict(reduction=reduction, beta=0.1, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs,
+                                              teacher_bias=bt, chunk_size=4, **kw)
+        zs = torch.nn.functional.linear(hs, ws, bs)
+        zt = torch.nn.functional.linear(ht, wt, bt)
+        assert zs.dtype == torch.bfloat16
+        ref = sk.gated_opd_loss(zs, zt, tok, **kw)
+    gout = torch.rand(loss.shape) + 0.5
+    got = torch.autograd.grad(loss, (hs, ws, bs), gout)
+    want = torch.autograd.grad(ref, (hs, ws, bs), gout)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):  # bf16 products, rounded in another order: a bf16 tolerance
+        assert g.dtype == torch.float32
+        assert (g - w).norm() <= 1e-2 * w.norm(), float((g - w).norm() / w.norm())
+
+
+def test_float32_master_weights_beside_bfloat16_hidden_states():
+    """No autocast: bf16 hidden states and a float32 head compute in float32 (the promoted
+    dtype), each gradient in its input's dtype."""
+    hs, ws, bs, ht, wt, bt, tok = _inputs(dtype=torch.float32)
+    hs16 = hs.detach().to(torch.bfloat16).requires_grad_()
+    loss = sk.fused_linear_gated_opd_loss(hs16, ws, ht.bfloat16(), wt, tok, student_bias=bs,
+                                          chunk_size=3, backend="torch")
+    ref = _materialized(hs16.float(), ws, bs, ht.bfloat16().float(), wt, None, tok, None,
+                        backend="torch")
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    gh, gw, gb = torch.autograd.grad(loss, (hs16, ws, bs))
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.float32 and gb.dtype == torch.float32
+    h32 = hs16.detach().float().requires_grad_()
+    rh, rw, rb = torch.autograd.grad(
+        _materialized(h32, ws, bs, ht.bfloat16().float(), wt, None, tok, None, backend="torch"),
+        (h32, ws, bs))
+    torch.testing.assert_close(gh, rh.bfloat16(), rtol=0, atol=0)
+    # (float32 sums over the chunks in another order)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, rb, rtol=1e-5, atol=1e-6)
+
+
+def test_num_items_in_batch_and_jsd():
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    kw = dict(divergence="jsd", jsd_beta=0.3, teacher_temperature=0.8, backend="torch")
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, num_items_in_batch=16,
+                                          chunk_size=4, **kw)
+    ref = _materialized(hs, ws, None, ht, wt, None, tok, None, reduction="sum", **kw) / 16
+    torch.testing.assert_close(loss, ref.float(), rtol=0, atol=0)
+    got = torch.autograd.grad(loss, (hs, ws))
+    want = torch.autograd.grad(ref, (hs, ws))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 import sgopd_kernels as sk
 from sgopd_kernels import reference
+from sgopd_kernels.api import row_options
 from helpers import assert_close, oracle_opd, oracle_sampled
 
-DIVS = ["reverse_kl", "forward_kl"]
+DIVS = ["reverse_kl", "forward_kl", "jsd"]
 
 
 def _inputs(shape=(3, 5), vocab=37, vocab_t=41, scale=3.0, seed=0, dtype=torch.float64):
@@ -22,12 +23,12 @@ def _inputs(shape=(3, 5), vocab=37, vocab_t=41, scale=3.0, seed=0, dtype=torch.f
     return s, t, y
 
 
-def _numpy_bridge(s, t, y, sign, beta, lam_pos, lam_neg, reverse, tau):
+def _numpy_bridge(s, t, y, sign, beta, lam_pos, lam_neg, divergence, tau, tau_t=None, pi=0.5):
     """Per-row loss straight from the definition q ~ p_T^a p_S^b, in numpy float64."""
     out = []
     for row in range(s.shape[0]):
         zs = s[row] / tau
-        zt = t[row] / tau
+        zt = t[row] / (tau if tau_t is None else tau_t)
         ps = np.exp(zs - zs.max())
         ps /= ps.sum()
         pt = np.exp(zt - zt.max())
@@ -39,29 +40,35 @@ def _numpy_bridge(s, t, y, sign, beta, lam_pos, lam_neg, reverse, tau):
         logq = a * np.log(pt) + b * np.log(ps)
         q = np.exp(logq - logq.max())
         q /= q.sum()
-        if reverse:
+        if divergence == "reverse_kl":
             out.append(float(np.sum(ps * (np.log(ps) - np.log(q)))))
-        else:
+        elif divergence == "forward_kl":
             out.append(float(np.sum(q * (np.log(q) - np.log(ps)))))
+        else:  # pi KL(q || m) + (1 - pi) KL(p_S || m)
+            m = (1 - pi) * ps + pi * q
+            out.append(float(pi * np.sum(q * np.log(q / m))
+                             + (1 - pi) * np.sum(ps * np.log(ps / m))))
     return np.array(out)
 
 
 @pytest.mark.parametrize("divergence", DIVS)
 @pytest.mark.parametrize("beta", [0.0, 0.35])
 @pytest.mark.parametrize("gated", [False, True])
-def test_rows_match_definition(divergence, beta, gated):
+@pytest.mark.parametrize("tau_t", [None, 0.6])
+def test_rows_match_definition(divergence, beta, gated, tau_t):
     s, t, y = _inputs(shape=(12,), vocab=23, vocab_t=23, seed=1)
     sign = np.array([1, -1, 0, 1] * 3, dtype=np.float64) if gated else None
     verifier = torch.tensor(sign) if gated else None
     loss = sk.gated_opd_loss(s, t, y, verifier, beta=beta, extrapolation=1.7,
-                             interpolation=0.6, divergence=divergence, temperature=1.3,
-                             reduction="none", backend="torch")
+                             interpolation=0.6, divergence=divergence, jsd_beta=0.3,
+                             temperature=1.3, teacher_temperature=tau_t, reduction="none",
+                             backend="torch")
     want = _numpy_bridge(s.numpy(), t.numpy(), y.numpy(), sign, beta, 1.7, 0.6,
-                         divergence == "reverse_kl", 1.3)
+                         divergence, 1.3, tau_t, pi=0.3)
     assert_close(loss, torch.tensor(want), rtol=3e-7, atol=1e-9, what="loss rows")
 
 
-@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("divergence", DIVS[:2])
 def test_plain_kl_at_beta_zero_without_gate(divergence):
     """beta = 0, no gate: the library's loss and gradient are the textbook KLs (TRL's GKD ends)."""
     s, t, y = _inputs(shape=(4, 6), vocab=29, vocab_t=29, seed=2)
@@ -91,7 +98,7 @@ def test_closed_form_gradient_matches_autograd(divergence, beta, reduction):
     w = torch.rand(3, 7, generator=torch.Generator().manual_seed(5))
     s = s.requires_grad_(True)
     kw = dict(beta=beta, extrapolation=1.8, interpolation=0.5, divergence=divergence,
-              temperature=1.1, weights=w, reduction=reduction)
+              temperature=1.1, teacher_temperature=0.8, weights=w, reduction=reduction)
     loss = sk.gated_opd_loss(s, t, y, verifier, backend="torch", **kw)
     grad_out = torch.randn(loss.shape, dtype=torch.float64) if reduction == "none" else None
     (g,) = torch.autograd.grad(loss, s, grad_out)
@@ -141,8 +148,7 @@ def test_gate_picks_lambda():
 def test_veto_bridge_is_teacher_times_student_power():
     """lambda = 1: q ~ p_T * p_S^beta exactly (the Veto target)."""
     s, t, y = _inputs(shape=(2,), vocab=13, vocab_t=13, seed=6)
-    r = reference.bridge_terms(s, t, y, None, beta=0.4, lam_pos=1.8, lam_neg=1.0, reverse=False,
-                               temperature=1.0, ignore_index=-100)
+    r = reference.bridge_terms(s, t, y, None, row_options(beta=0.4, divergence="forward_kl"))
     p_s = torch.softmax(s, -1)
     p_t = torch.softmax(t, -1)
     q = p_t * p_s ** 0.4
@@ -252,3 +258,52 @@ def test_out_of_range_token_raises_on_torch_path():
         sk.gated_opd_loss(s, t, y, backend="torch")
     with pytest.raises(ValueError, match="tokens"):
         sk.sampled_opd_loss(s, torch.zeros(3), y, backend="torch")
+
+
+def test_jsd_matches_trl_generalized_jsd():
+    """divergence="jsd", beta = 0, no gate: TRL's GKD generalized JSD, loss and gradient
+    (jsd_beta = TRL's beta; TRL's "batchmean" over the unmasked tokens = "mean" here)."""
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    s, t, y = _inputs(shape=(3, 5), vocab=29, vocab_t=29, seed=14)
+    y[1, :2] = -100
+    for pi in (0.1, 0.5, 0.9):
+        x = s.clone().requires_grad_(True)
+        loss = sk.gated_opd_loss(x, t, y, divergence="jsd", jsd_beta=pi, temperature=0.8,
+                                 backend="torch")
+        (g,) = torch.autograd.grad(loss, x)
+        x2 = s.clone().requires_grad_(True)
+        want = gkd.GKDTrainer.generalized_jsd_loss(x2, t, labels=y, beta=pi, temperature=0.8)
+        (g_want,) = torch.autograd.grad(want, x2)
+        assert_close(loss, want, rtol=3e-7, atol=1e-9, what=f"jsd pi={pi}")
+        assert_close(g, g_want, rtol=1e-9, atol=1e-14, what=f"jsd grad pi={pi}")
+
+
+def test_jsd_with_masked_entries_is_finite_and_bounded():
+    """JSD stays finite where one model masks the other's mass (KL would be +inf), and a
+    masked student entry gets no NaN gradient."""
+    s, t, y = _inputs(shape=(4,), vocab=17, vocab_t=17, seed=15)
+    t[:, 4] = float("-inf")  # the teacher masks student mass
+    s[:, 7] = float("-inf")  # the student masks teacher mass
+    x = s.clone().requires_grad_(True)
+    loss = sk.gated_opd_loss(x, t, y, torch.tensor([1.0, -1.0, 0.0, 1.0]), beta=0.2,
+                             divergence="jsd", jsd_beta=0.4, reduction="none", backend="torch")
+    assert torch.isfinite(loss).all() and (loss >= 0).all()
+    # a JSD is at most -pi log pi - (1 - pi) log (1 - pi)
+    assert (loss <= -(0.4 * math.log(0.4) + 0.6 * math.log(0.6)) + 1e-12).all()
+    loss.sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[:, 7] == 0).all()
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_stats_divergence_is_the_trained_divergence(divergence):
+    s, t, y = _inputs(shape=(2, 4), vocab=15, vocab_t=15, seed=16)
+    y[0, 1] = -100
+    kw = dict(divergence=divergence, backend="torch")
+    rows = sk.gated_opd_loss(s, t, y, reduction="none", **kw)
+    _, stats = sk.gated_opd_loss(s, t, y, weights=torch.rand(2, 4), return_stats=True, **kw)
+    assert_close(stats.divergence, rows.sum() / 7, rtol=1e-6, atol=0, what="divergence")
+    if divergence == "forward_kl":  # no gate, beta = 0: KL(p_T || p_S), not teacher_kl
+        lp_s, lp_t = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+        fkl = (lp_t.exp() * (lp_t - lp_s)).sum(-1)[y != -100].mean()
+        assert_close(stats.divergence, fkl, rtol=1e-6, atol=1e-7, what="forward KL")
+        assert abs(float(stats.teacher_kl) - float(fkl)) > 1e-3

@@ -1,4 +1,4 @@
-"""Phased teacher sampling (SPEC §8): the schedule and the rollout picker."""
+"""Phased teacher sampling: the schedule and the rollout picker."""
 
 import math
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from sgopd_kernels import _rows as C  # noqa: E402
+from sgopd_kernels._options import Divergence  # noqa: E402
 from sgopd_kernels.triton import logits, parallel, sampled  # noqa: E402
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
@@ -34,6 +34,10 @@ def _sig(names, types):
     return dict(zip(names, types))
 
 
+def _div(reverse: bool) -> int:
+    return int(Divergence.REVERSE_KL if reverse else Divergence.FORWARD_KL)
+
+
 def specializations():
     i = "i32"
     f = "fp32"
@@ -41,22 +45,23 @@ def specializations():
             ("bf16", "fp32"), (False, True), (False, True), (False, True)):
         p = DTYPES[dt]
         names = ["S", "T", "TOK", "SIG", "OUT", "V", "s_d1", "s_st0", "s_st1", "s_stv", "t_d1",
-                 "t_st0", "t_st1", "t_stv", "scale2", "beta", "lam_pos", "lam_neg",
+                 "t_st0", "t_st1", "t_stv", "scale2", "tscale2", "beta", "lam_pos", "lam_neg",
                  "ignore_index"]
         types = [p, p, "*i64", "*fp32", "*fp32", i, i, "i64", "i64", i, i, "i64", "i64", i,
-                 f, f, f, f, "i64"]
-        const = dict(HAS_GATE=gate, REVERSE=rev, STRIDED_V=strided,
-                     BLOCK_V=logits.FWD_BLOCK_V, ROW_K=C.ROW_K)
+                 f, f, f, f, f, "i64"]
+        const = dict(HAS_GATE=gate, DIVERGENCE=_div(rev), STRIDED_V=strided,
+                     BLOCK_V=logits.FWD_BLOCK_V)
         yield (f"opd_fwd {dt} gate={gate} rev={rev} strided={strided}",
                logits._opd_fwd_kernel, names, types, const, logits.FWD_WARPS)
     for dt, rev, strided, local in itertools.product(("bf16", "fp32"), (False, True),
                                                      (False, True), (True, False)):
         p = DTYPES[dt]
         names = ["S", "T", "TOK", "ROWS", "GROW", "DS", "V", "s_d1", "s_st0", "s_st1", "s_stv",
-                 "t_d1", "t_st0", "t_st1", "t_stv", "scale2", "inv_temp", "ignore_index"]
+                 "t_d1", "t_st0", "t_st1", "t_stv", "scale2", "tscale2", "inv_temp",
+                 "ignore_index"]
         types = [p, p, "*i64", "*fp32", "*fp32", p, i, i, "i64", "i64", i, i, "i64", "i64", i,
-                 f, f, "i64"]
-        const = dict(REVERSE=rev, STRIDED_V=strided, BLOCK_V=logits.BWD_BLOCK_V, ROW_K=C.ROW_K,
+                 f, f, f, "i64"]
+        const = dict(DIVERGENCE=_div(rev), STRIDED_V=strided, BLOCK_V=logits.BWD_BLOCK_V,
                      LOCAL_TOKENS=local)  # False: a vocabulary shard's backward
         yield (f"opd_bwd {dt} rev={rev} strided={strided} local_tokens={local}",
                logits._opd_bwd_kernel, names, types, const, logits.BWD_WARPS)
@@ -65,8 +70,7 @@ def specializations():
         names = ["S", "TLP", "TOK", "SIG", "OUT", "V", "s_d1", "s_st0", "s_st1", "s_stv", "scale2",
                  "lam_pos", "lam_neg", "ignore_index"]
         types = [p, "*fp32", "*i64", "*fp32", "*fp32", i, i, "i64", "i64", i, f, f, f, "i64"]
-        const = dict(HAS_GATE=gate, STRIDED_V=False, BLOCK_V=sampled.FWD_BLOCK_V,
-                     ROW_K=C.SAMPLED_ROW_K)
+        const = dict(HAS_GATE=gate, STRIDED_V=False, BLOCK_V=sampled.FWD_BLOCK_V)
         yield (f"sampled_fwd {dt} gate={gate}", sampled._sampled_fwd_kernel, names, types, const,
                sampled.NUM_WARPS)
     strides = ["s_d1", "s_st0", "s_st1", "s_stv", "t_d1", "t_st0", "t_st1", "t_stv"]
@@ -74,21 +78,23 @@ def specializations():
     for dt, strided in itertools.product(("bf16", "fp32"), (False, True)):
         p = DTYPES[dt]
         yield (f"tp_stats {dt} strided={strided}", parallel._tp_stats_kernel,
-               ["S", "T", "TOK", "OUT", "V", "start"] + strides + ["scale2", "ignore_index"],
-               [p, p, "*i64", "*fp32", i, "i64"] + stride_types + [f, "i64"],
+               ["S", "T", "TOK", "OUT", "V", "start"] + strides
+               + ["scale2", "tscale2", "ignore_index"],
+               [p, p, "*i64", "*fp32", i, "i64"] + stride_types + [f, f, "i64"],
                dict(STRIDED_V=strided, BLOCK_V=parallel.BLOCK_V, K=parallel.STATS_K),
                parallel.NUM_WARPS)
         yield (f"tp_bridge {dt} strided={strided}", parallel._tp_bridge_kernel,
-               ["S", "T", "TOK", "ROWS", "OUT", "V"] + strides + ["scale2", "ignore_index"],
-               [p, p, "*i64", "*fp32", "*fp32", i] + stride_types + [f, "i64"],
-               dict(STRIDED_V=strided, BLOCK_V=parallel.BLOCK_V, ROW_K=C.ROW_K,
-                    K=parallel.BRIDGE_K), parallel.NUM_WARPS)
+               ["S", "T", "TOK", "ROWS", "OUT", "V"] + strides
+               + ["scale2", "tscale2", "ignore_index"],
+               [p, p, "*i64", "*fp32", "*fp32", i] + stride_types + [f, f, "i64"],
+               dict(STRIDED_V=strided, BLOCK_V=parallel.BLOCK_V, K=parallel.BRIDGE_K),
+               parallel.NUM_WARPS)
     for dt in ("bf16", "fp32"):
         p = DTYPES[dt]
         names = ["S", "TOK", "ROWS", "GROW", "DS", "V", "s_d1", "s_st0", "s_st1", "s_stv",
                  "scale2", "inv_temp", "ignore_index"]
         types = [p, "*i64", "*fp32", "*fp32", p, i, i, "i64", "i64", i, f, f, "i64"]
-        const = dict(STRIDED_V=False, BLOCK_V=sampled.BWD_BLOCK_V, ROW_K=C.SAMPLED_ROW_K)
+        const = dict(STRIDED_V=False, BLOCK_V=sampled.BWD_BLOCK_V)
         yield (f"sampled_bwd {dt}", sampled._sampled_bwd_kernel, names, types, const,
                sampled.NUM_WARPS)
 

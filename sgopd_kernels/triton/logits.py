@@ -39,10 +39,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _rows as C
+from .._options import Divergence
 from ._layout import row_layout
+from ._table import (A, B, DELTA, ENTROPY, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S, LOGITS_K,
+                     LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
 
 LOG2E = 1.4426950408889634
+# DIVERGENCE (a kernel's constexpr) is a Divergence value: these kernels implement reverse
+# KL (RKL) and forward KL
+RKL = tl.constexpr(int(Divergence.REVERSE_KL))
 
 
 @triton.jit
@@ -105,13 +110,13 @@ def _load_row_block(row_ptr, cols, stv, V, STRIDED_V: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
+def _fwd_block(raw_s, raw_t, f_s, f_t, scale2, tscale2, a0, b0, a1, b1,
                m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
                HAS_GATE: tl.constexpr, REVERSE: tl.constexpr):
     """Fold one block of raw student and teacher logits into the row's running state."""
     NEG_INF: tl.constexpr = float("-inf")
     sf = (raw_s - f_s) * scale2
-    tf = (raw_t - f_t) * scale2
+    tf = (raw_t - f_t) * tscale2
     # student: z_s, acc_ss, acc_st, rescaled when the max moves
     nm_s = tl.maximum(m_s, tl.max(raw_s, 0))
     r_s = tl.where(nm_s == NEG_INF, 0.0, nm_s)
@@ -122,7 +127,7 @@ def _fwd_block(raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
         + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * tf), 0)
     z_s = z_s * al_s + tl.sum(e_s, 0)
     # teacher: z_t
-    nm_t, z_t = _online(raw_t, m_t, z_t, scale2)
+    nm_t, z_t = _online(raw_t, m_t, z_t, tscale2)
     # candidate bridges on the joint support
     support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
     m0, z0, ax0, as0 = _cand_update(_bridge(tf, sf, a0, b0, support), m0, z0, ax0, as0, sf,
@@ -134,7 +139,7 @@ def _fwd_block(raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
 
 
 @triton.jit
-def _fwd_range(s_row, t_row, lo, hi, V, s_stv, t_stv, f_s, f_t, scale2, a0, b0, a1, b1,
+def _fwd_range(s_row, t_row, lo, hi, V, s_stv, t_stv, f_s, f_t, scale2, tscale2, a0, b0, a1, b1,
                m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
                HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, STRIDED_V: tl.constexpr,
                BLOCK_V: tl.constexpr):
@@ -145,7 +150,7 @@ def _fwd_range(s_row, t_row, lo, hi, V, s_stv, t_stv, f_s, f_t, scale2, a0, b0, 
         raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
         raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
         m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
-            raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
+            raw_s, raw_t, f_s, f_t, scale2, tscale2, a0, b0, a1, b1,
             m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
             HAS_GATE, REVERSE)
     return m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1
@@ -157,9 +162,9 @@ def _opd_fwd_kernel(
     V,
     s_d1, s_st0, s_st1, s_stv,
     t_d1, t_st0, t_st1, t_stv,
-    scale2, beta, lam_pos, lam_neg, ignore_index,
-    HAS_GATE: tl.constexpr, REVERSE: tl.constexpr,
-    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, ROW_K: tl.constexpr,
+    scale2, tscale2, beta, lam_pos, lam_neg, ignore_index,
+    HAS_GATE: tl.constexpr, DIVERGENCE: tl.constexpr,
+    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     LN2_: tl.constexpr = 0.6931471805599453
@@ -206,16 +211,17 @@ def _opd_fwd_kernel(
     zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)  # a float32 scalar
     neg = zero + NEG_INF
     # state: m_s (raw student max), z_s = sum 2^((z_S - m_s) scale2), acc_ss = sum 2^(..) sf,
-    # acc_st = sum 2^(..) tf with sf = (z_S - f_s) scale2, tf = (z_T - f_t) scale2; the
+    # acc_st = sum 2^(..) tf with sf = (z_S - f_s) scale2, tf = (z_T - f_t) tscale2; the
     # teacher's max and sum; per candidate max, sum and the two forward-KL sums
     m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
-        raw_s, raw_t, f_s, f_t, scale2, a0, b0, a1, b1,
+        raw_s, raw_t, f_s, f_t, scale2, tscale2, a0, b0, a1, b1,
         neg, zero, zero, zero, neg, zero, neg, zero, zero, zero, neg, zero, zero, zero,
-        HAS_GATE, REVERSE)
+        HAS_GATE, DIVERGENCE == RKL)
     m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_range(
-        s_row, t_row, BLOCK_V, n_cols, V, s_stv, t_stv, f_s, f_t, scale2, a0, b0, a1, b1,
+        s_row, t_row, BLOCK_V, n_cols, V, s_stv, t_stv, f_s, f_t, scale2, tscale2, a0, b0,
+        a1, b1,
         m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-        HAS_GATE, REVERSE, STRIDED_V, BLOCK_V)
+        HAS_GATE, DIVERGENCE == RKL, STRIDED_V, BLOCK_V)
 
     # A frame far from where p_S puts its mass (|E_{p_S}[s - f_s]| or |E_{p_S}[t - f_t]| above
     # FRAME_TOL, e.g. a masked first block and a sampled token the student masks) would cost
@@ -227,7 +233,7 @@ def _opd_fwd_kernel(
     far_t = (tl.abs(mean_t) > FRAME_TOL) & (mean_t != NEG_INF)
     far = far_s | far_t
     f_s = tl.where(far_s, f_s + mean_s / scale2, f_s)
-    f_t = tl.where(far_t, f_t + mean_t / scale2, f_t)
+    f_t = tl.where(far_t, f_t + mean_t / tscale2, f_t)
     m_s = tl.where(far, neg, m_s)
     z_s = tl.where(far, zero, z_s)
     acc_ss = tl.where(far, zero, acc_ss)
@@ -243,9 +249,9 @@ def _opd_fwd_kernel(
     ax1 = tl.where(far, zero, ax1)
     as1 = tl.where(far, zero, as1)
     m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_range(
-        s_row, t_row, 0, tl.where(far, n_cols, 0), V, s_stv, t_stv, f_s, f_t, scale2,
+        s_row, t_row, 0, tl.where(far, n_cols, 0), V, s_stv, t_stv, f_s, f_t, scale2, tscale2,
         a0, b0, a1, b1, m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-        HAS_GATE, REVERSE, STRIDED_V, BLOCK_V)
+        HAS_GATE, DIVERGENCE == RKL, STRIDED_V, BLOCK_V)
 
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
     r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
@@ -253,7 +259,7 @@ def _opd_fwd_kernel(
     lz_s = tl.where(z_s == 0.0, float("inf"), tl.log2(z_s))
     lz_t = tl.where(z_t == 0.0, float("inf"), tl.log2(z_t))
     off_s = (f_s - r_s) * scale2 - lz_s  # lp_S = sf + off_s (base 2)
-    off_t = (f_t - r_t) * scale2 - lz_t
+    off_t = (f_t - r_t) * tscale2 - lz_t
     mean_s = acc_ss / z_s                # E_{p_S}[sf] in the final frame
     mean_t = acc_st / z_s                # E_{p_S}[tf]
     elp_s = tl.where(z_s == 0.0, 0.0, mean_s + off_s)  # E_{p_S}[lp_S], base 2 (0: no p_S)
@@ -261,7 +267,7 @@ def _opd_fwd_kernel(
 
     # the sampled token: delta and the gate
     lps_y = (s_y - r_s) * scale2 - lz_s
-    lpt_y = (t_y - r_t) * scale2 - lz_t
+    lpt_y = (t_y - r_t) * tscale2 - lz_t
     both_zero = (lps_y == NEG_INF) & (lpt_y == NEG_INF)
     delta2 = tl.where(both_zero, 0.0, lpt_y - lps_y)
     d = (delta2 > 0.0).to(tl.float32) - (delta2 < 0.0).to(tl.float32)
@@ -286,16 +292,16 @@ def _opd_fwd_kernel(
             raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
             raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
             sf = (raw_s - f_s) * scale2
-            x2 = _bridge((raw_t - f_t) * scale2, sf, a_c, b_c,
+            x2 = _bridge((raw_t - f_t) * tscale2, sf, a_c, b_c,
                          (raw_s != NEG_INF) & (raw_t != NEG_INF))
-            m2, z2, ax2, as2 = _cand_update(x2, m2, z2, ax2, as2, sf, not REVERSE)
+            m2, z2, ax2, as2 = _cand_update(x2, m2, z2, ax2, as2, sf, DIVERGENCE != RKL)
         m_c = tl.where(need, m2, m_c)
         z_c = tl.where(need, z2, z_c)
         ax_c = tl.where(need, ax2, ax_c)
         as_c = tl.where(need, as2, as_c)
 
     lz_c = tl.log2(z_c)
-    if REVERSE:  # L_q = lse(a lp_T + b lp_S) = lse(x) + a off_t + b off_s
+    if DIVERGENCE == RKL:  # L_q = lse(a lp_T + b lp_S) = lse(x) + a off_t + b off_s
         lq = m_c + lz_c + a_c * off_t + b_c * off_s
         loss2 = (1.0 - b_c) * elp_s - a_c * elp_t + lq
     else:  # E_q[log q] - E_q[lp_S]
@@ -306,23 +312,23 @@ def _opd_fwd_kernel(
         loss2 = tl.where(sig != sig, float("nan"), loss2)
     loss = tl.where(y_ok, loss2 * LN2_, float("nan"))
 
-    out = OUT + row * ROW_K
-    tl.store(out + 0, tl.where(valid, loss, 0.0))
-    tl.store(out + 1, tl.where(valid, delta2 * LN2_, 0.0))
-    tl.store(out + 2, tl.where(valid, g, 0.0))
-    tl.store(out + 3, tl.where(valid, (elp_s - elp_t) * LN2_, 0.0))
-    tl.store(out + 4, tl.where(valid, -elp_s * LN2_, 0.0))
-    # backward state (column numbers of _rows.py)
-    tl.store(out + 5, tl.where(valid, r_s, 0.0))
-    tl.store(out + 6, tl.where(valid, lz_s, 0.0))
-    tl.store(out + 7, tl.where(valid, f_s, 0.0))
-    tl.store(out + 8, tl.where(valid, f_t, 0.0))
-    tl.store(out + 9, tl.where(valid, mean_s, 0.0))
-    tl.store(out + 10, tl.where(valid, mean_t, 0.0))
-    tl.store(out + 11, tl.where(valid, a_c, 0.0))
-    tl.store(out + 12, tl.where(valid, b_c, 0.0))
-    tl.store(out + 13, tl.where(valid, m_c, 0.0))
-    tl.store(out + 14, tl.where(valid, lz_c, 0.0))
+    out = OUT + row * LOGITS_K
+    tl.store(out + LOSS, tl.where(valid, loss, 0.0))
+    tl.store(out + DELTA, tl.where(valid, delta2 * LN2_, 0.0))
+    tl.store(out + GATE, tl.where(valid, g, 0.0))
+    tl.store(out + TEACHER_KL, tl.where(valid, (elp_s - elp_t) * LN2_, 0.0))
+    tl.store(out + ENTROPY, tl.where(valid, -elp_s * LN2_, 0.0))
+    tl.store(out + A, tl.where(valid, a_c, 0.0))
+    tl.store(out + B, tl.where(valid, b_c, 0.0))
+    # backward state (this backend's columns, triton/_table.py)
+    tl.store(out + REF_S, tl.where(valid, r_s, 0.0))
+    tl.store(out + LOG2Z_S, tl.where(valid, lz_s, 0.0))
+    tl.store(out + FRAME_S, tl.where(valid, f_s, 0.0))
+    tl.store(out + FRAME_T, tl.where(valid, f_t, 0.0))
+    tl.store(out + MEAN_S, tl.where(valid, mean_s, 0.0))
+    tl.store(out + MEAN_T, tl.where(valid, mean_t, 0.0))
+    tl.store(out + MAX_Q, tl.where(valid, m_c, 0.0))
+    tl.store(out + LOG2Z_Q, tl.where(valid, lz_c, 0.0))
 
 
 @triton.jit
@@ -331,9 +337,9 @@ def _opd_bwd_kernel(
     V,
     s_d1, s_st0, s_st1, s_stv,
     t_d1, t_st0, t_st1, t_stv,
-    scale2, inv_temp, ignore_index,
-    REVERSE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
-    ROW_K: tl.constexpr, LOCAL_TOKENS: tl.constexpr,
+    scale2, tscale2, inv_temp, ignore_index,
+    DIVERGENCE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOCAL_TOKENS: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
@@ -342,26 +348,26 @@ def _opd_bwd_kernel(
     if not LOCAL_TOKENS:  # global ids of a vocabulary shard: the forward made bad rows NaN
         y_ok = valid
     gr = tl.load(GROW + row)
-    st = ROWS + row * ROW_K
-    r_s = tl.load(st + 5)
-    lz_s = tl.load(st + 6)
-    f_s = tl.load(st + 7)
-    f_t = tl.load(st + 8)
-    mean_s = tl.load(st + 9)
-    mean_t = tl.load(st + 10)
-    a = tl.load(st + 11)
-    b = tl.load(st + 12)
-    m_c = tl.load(st + 13)
-    lz_c = tl.load(st + 14)
+    st = ROWS + row * LOGITS_K
+    r_s = tl.load(st + REF_S)
+    lz_s = tl.load(st + LOG2Z_S)
+    f_s = tl.load(st + FRAME_S)
+    f_t = tl.load(st + FRAME_T)
+    mean_s = tl.load(st + MEAN_S)
+    mean_t = tl.load(st + MEAN_T)
+    a = tl.load(st + A)
+    b = tl.load(st + B)
+    m_c = tl.load(st + MAX_Q)
+    lz_c = tl.load(st + LOG2Z_Q)
 
     s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
     t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
     raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
     raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
     sf = (raw_s - f_s) * scale2
-    tf = (raw_t - f_t) * scale2
+    tf = (raw_t - f_t) * tscale2
     p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
-    if REVERSE:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
+    if DIVERGENCE == RKL:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
         w = (1.0 - b) * (sf - mean_s) - a * (tf - mean_t)
         gv = tl.where(p == 0.0, 0.0, p * w) * (0.6931471805599453 * inv_temp)
     else:  # p - q; x has the forward's bits, so x - m_c is exact at the max
@@ -389,15 +395,21 @@ def _check_rows(student: torch.Tensor, teacher: torch.Tensor) -> None:
                 "use backend='torch' for float64")
 
 
-def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse, temperature,
-             ignore_index, block_v=None, num_warps=None):
-    """Forward: per-row table (N, ROW_K) for logits (..., V) and (..., V_T) of any strides."""
+def _divergence(opts) -> int:
+    if opts.divergence not in (Divergence.REVERSE_KL, Divergence.FORWARD_KL):
+        raise NotImplementedError(f"the Triton logits kernels do not implement "
+                                  f"divergence={opts.divergence.label!r}")
+    return int(opts.divergence)
+
+
+def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=None):
+    """Forward: per-row table (N, LOGITS_K) for logits (..., V) and (..., V_T) of any strides."""
     _check_rows(student, teacher)
     vocab = student.shape[-1]
     ls = row_layout(student)
     lt = row_layout(teacher)
     n = tokens.numel()
-    out = torch.empty(n, C.ROW_K, dtype=torch.float32, device=student.device)
+    out = torch.empty(n, LOGITS_K.value, dtype=torch.float32, device=student.device)
     if n == 0:
         return out
     sig = sign if sign is not None else tokens  # unused pointer when there is no gate
@@ -405,16 +417,17 @@ def opd_rows(student, teacher, tokens, sign, *, beta, lam_pos, lam_neg, reverse,
     _opd_fwd_kernel[(n,)](
         ls.tensor, lt.tensor, tokens, sig, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
-        LOG2E / temperature, float(beta), float(lam_pos), float(lam_neg), int(ignore_index),
-        HAS_GATE=sign is not None, REVERSE=bool(reverse),
-        STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block, ROW_K=C.ROW_K,
+        LOG2E / opts.temperature, LOG2E / opts.teacher_temperature, float(opts.beta),
+        float(opts.lam_pos), float(opts.lam_neg), int(opts.ignore_index),
+        HAS_GATE=sign is not None, DIVERGENCE=_divergence(opts),
+        STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
         num_warps=num_warps or FWD_WARPS,
     )
     return out
 
 
-def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, temperature,
-                      ignore_index, block_v=None, num_warps=None, local_tokens=True):
+def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts, *, block_v=None,
+                      num_warps=None, local_tokens=True):
     """Backward: d loss / d student logits, contiguous, the student's dtype and shape.
 
     ``local_tokens=False``: the ids are global ids of a vocabulary shard (the table of the
@@ -431,8 +444,10 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, *, reverse, tem
     _opd_bwd_kernel[(n, triton.cdiv(vocab, block))](
         ls.tensor, lt.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
-        LOG2E / temperature, 1.0 / temperature, int(ignore_index),
-        REVERSE=bool(reverse), STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
-        ROW_K=C.ROW_K, LOCAL_TOKENS=bool(local_tokens), num_warps=num_warps or BWD_WARPS,
+        LOG2E / opts.temperature, LOG2E / opts.teacher_temperature, 1.0 / opts.temperature,
+        int(opts.ignore_index), DIVERGENCE=_divergence(opts),
+        STRIDED_V=(ls.stv != 1 or lt.stv != 1),
+        BLOCK_V=block, LOCAL_TOKENS=bool(local_tokens),
+        num_warps=num_warps or BWD_WARPS,
     )
     return grad

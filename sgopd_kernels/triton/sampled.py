@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _rows as C
 from ._layout import row_layout
+from ._table import ADV, DELTA, ENTROPY, GATE, LOSS, S_LOG2Z, S_REF, SAMPLED_K, TEACHER_KL
 from .logits import LOG2E, _load_row_block, _row_ptr, _row_token
 
 
@@ -24,7 +24,6 @@ def _sampled_fwd_kernel(
     V, s_d1, s_st0, s_st1, s_stv,
     scale2, lam_pos, lam_neg, ignore_index,
     HAS_GATE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
-    ROW_K: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     LN2: tl.constexpr = 0.6931471805599453
@@ -70,16 +69,16 @@ def _sampled_fwd_kernel(
     loss = tl.where(adv == 0.0, 0.0, -adv * lps_y)  # A = 0 contributes 0 (0 log 0 = 0)
     loss = tl.where(y_ok, loss, float("nan"))
 
-    out = OUT + row * ROW_K
-    tl.store(out + 0, tl.where(valid, loss, 0.0))
-    tl.store(out + 1, tl.where(valid, delta, 0.0))
-    tl.store(out + 2, tl.where(valid, g, 0.0))
-    tl.store(out + 3, tl.where(valid, -delta, 0.0))
+    out = OUT + row * SAMPLED_K
+    tl.store(out + LOSS, tl.where(valid, loss, 0.0))
+    tl.store(out + DELTA, tl.where(valid, delta, 0.0))
+    tl.store(out + GATE, tl.where(valid, g, 0.0))
+    tl.store(out + TEACHER_KL, tl.where(valid, -delta, 0.0))
     entropy = tl.where(z_s == 0.0, 0.0, (lz_s - acc_ss / z_s) * LN2)
-    tl.store(out + 4, tl.where(valid, entropy, 0.0))
-    tl.store(out + 5, tl.where(valid, adv, 0.0))
-    tl.store(out + 6, tl.where(valid, r_s, 0.0))
-    tl.store(out + 7, tl.where(valid, lz_s, 0.0))
+    tl.store(out + ENTROPY, tl.where(valid, entropy, 0.0))
+    tl.store(out + ADV, tl.where(valid, adv, 0.0))
+    tl.store(out + S_REF, tl.where(valid, r_s, 0.0))
+    tl.store(out + S_LOG2Z, tl.where(valid, lz_s, 0.0))
 
 
 @triton.jit
@@ -87,16 +86,16 @@ def _sampled_bwd_kernel(
     S, TOK, ROWS, GROW, DS,
     V, s_d1, s_st0, s_st1, s_stv,
     scale2, inv_temp, ignore_index,
-    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, ROW_K: tl.constexpr,
+    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
     gr = tl.load(GROW + row)
-    st = ROWS + row * ROW_K
-    adv = tl.load(st + 5)
-    r_s = tl.load(st + 6)
-    lz_s = tl.load(st + 7)
+    st = ROWS + row * SAMPLED_K
+    adv = tl.load(st + ADV)
+    r_s = tl.load(st + S_REF)
+    lz_s = tl.load(st + S_LOG2Z)
     raw = _load_row_block(_row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, V,
                           STRIDED_V)
     p = tl.exp2((raw - r_s) * scale2 - lz_s)
@@ -111,29 +110,28 @@ BWD_BLOCK_V = 4096
 NUM_WARPS = 8
 
 
-def sampled_rows(student, teacher_logprobs, tokens, sign, *, lam_pos, lam_neg, temperature,
-                 ignore_index, block_v=None):
+def sampled_rows(student, teacher_logprobs, tokens, sign, opts, *, block_v=None):
     if student.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"student_logits: the Triton backend takes float32, bfloat16 or float16, "
                         f"got {student.dtype}; use backend='torch' for float64")
     vocab = student.shape[-1]
     ls = row_layout(student)
     n = tokens.numel()
-    out = torch.empty(n, C.SAMPLED_ROW_K, dtype=torch.float32, device=student.device)
+    out = torch.empty(n, SAMPLED_K.value, dtype=torch.float32, device=student.device)
     if n == 0:
         return out
     block = block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab))
     _sampled_fwd_kernel[(n,)](
         ls.tensor, teacher_logprobs, tokens, sign if sign is not None else tokens, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,
-        LOG2E / temperature, float(lam_pos), float(lam_neg), int(ignore_index),
-        HAS_GATE=sign is not None, STRIDED_V=ls.stv != 1, BLOCK_V=block,
-        ROW_K=C.SAMPLED_ROW_K, num_warps=NUM_WARPS,
+        LOG2E / opts.temperature, float(opts.lam_pos), float(opts.lam_neg),
+        int(opts.ignore_index), HAS_GATE=sign is not None, STRIDED_V=ls.stv != 1, BLOCK_V=block,
+        num_warps=NUM_WARPS,
     )
     return out
 
 
-def sampled_rows_backward(grad_rows, student, tokens, rows, *, temperature, ignore_index,
+def sampled_rows_backward(grad_rows, student, teacher_logprobs, tokens, rows, opts, *,
                           block_v=None):
     vocab = student.shape[-1]
     ls = row_layout(student)
@@ -145,7 +143,7 @@ def sampled_rows_backward(grad_rows, student, tokens, rows, *, temperature, igno
     _sampled_bwd_kernel[(n, triton.cdiv(vocab, block))](
         ls.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,
-        LOG2E / temperature, 1.0 / temperature, int(ignore_index),
-        STRIDED_V=ls.stv != 1, BLOCK_V=block, ROW_K=C.SAMPLED_ROW_K, num_warps=NUM_WARPS,
+        LOG2E / opts.temperature, 1.0 / opts.temperature, int(opts.ignore_index),
+        STRIDED_V=ls.stv != 1, BLOCK_V=block, num_warps=NUM_WARPS,
     )
     return grad

@@ -1,0 +1,207 @@
+"""The vocabulary-parallel losses in readable eager PyTorch (the torch backend's path).
+
+Row-chunked, float64 for float64 inputs, on any device and process-group
+backend. Before anything else it checks, the same way on every rank (so that
+all raise or none): equal shard widths, and token ids inside the global
+vocabulary; this reads values on the host. Every sum below is over this
+rank's shard, combined by an all-reduce (docs/math.md, "Vocabulary parallel").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import _rows as C
+from ._options import Divergence
+from .parallel import all_reduce, check_shards, finite, log_total, shard_start
+from .reference import (_as_rows, _chunks, _compute_dtype, _xmul, bridge_logits, check_tokens,
+                        gate_lambda, log_mixture, opd_grad_logprobs, sampled_delta)
+
+NEG_INF = float("-inf")
+
+# this path's private columns of the logits family's table (natural units, scaled logits)
+LSE_S = C.PRIVATE["logits"]  # log Z_S of s = z_S / tau
+LSE_T = LSE_S + 1            # log Z_T of t = z_T / tau_T
+LOG_Z_Q = LSE_S + 2          # log Z_q = L_q
+E_P = LSE_S + 3              # E_{p_S}[u] (reverse KL) or E_{p_S}[h] (JSD)
+# and of the sampled family's
+S_LSE = C.PRIVATE["sampled"]  # log Z_S
+
+
+def _check(student, tokens, opts, group) -> None:
+    vocab = check_shards(student.shape[-1], group, student.device)
+    check_tokens(tokens, vocab, opts.ignore_index,
+                 what=" (the global vocabulary of the process group)")
+
+
+def _owned(tokens, start: int, local_vocab: int, ignore_index: int):
+    """Whether this rank holds each row's token, and its local column (0 where not)."""
+    local = tokens - start
+    own = (tokens != ignore_index) & (local >= 0) & (local < local_vocab)
+    return own, torch.where(own, local, torch.zeros_like(local)).unsqueeze(-1)
+
+
+def _gather_owned(x, own, col):
+    return torch.where(own, x.gather(-1, col).squeeze(-1), torch.zeros_like(x[:, 0]))
+
+
+def opd_rows_parallel(student, teacher, tokens, sign, opts, group):
+    """The table (N, WIDTH["logits"]) of this rank's shard; private columns named above."""
+    _check(student, tokens, opts, group)
+    s = _as_rows(student)
+    n, vl = s.shape
+    t = _as_rows(teacher)[:, :vl]
+    cdt = _compute_dtype(s, t)
+    valid = tokens != opts.ignore_index
+    own, col = _owned(tokens, shard_start(vl, group), vl, opts.ignore_index)
+
+    def chunks(fn, width):
+        out = torch.empty(n, width, dtype=cdt, device=s.device)
+        for sl in _chunks(n, vl):
+            out[sl] = fn(sl, s[sl].to(cdt) / opts.temperature,
+                         t[sl].to(cdt) / opts.teacher_temperature)
+        return out
+
+    # round 1: the row maxima of both models
+    m = all_reduce(chunks(lambda sl, zs, zt: torch.stack(
+        [zs.amax(-1), zt.amax(-1)], -1), 2), dist.ReduceOp.MAX, group)
+    m_s, m_t = finite(m[:, 0]), finite(m[:, 1])
+
+    # round 2: the normalizers and the sampled token's scaled logits (from its owner)
+    r2 = all_reduce(chunks(lambda sl, zs, zt: torch.stack([
+        (zs - m_s[sl, None]).exp().sum(-1), (zt - m_t[sl, None]).exp().sum(-1),
+        _gather_owned(zs, own[sl], col[sl]), _gather_owned(zt, own[sl], col[sl])], -1), 4),
+        dist.ReduceOp.SUM, group)
+    lse_s = log_total(m_s, r2[:, 0])
+    lse_t = log_total(m_t, r2[:, 1])
+    delta = sampled_delta(r2[:, 3] - lse_t, r2[:, 2] - lse_s)
+    lam, g = gate_lambda(delta, None if sign is None else sign.to(cdt), opts.lam_pos,
+                         opts.lam_neg)
+    a, b = lam, 1.0 - lam + opts.beta
+
+    def bridge(sl, zs, zt):
+        lp_s = zs - lse_s[sl, None]
+        lp_t = zt - lse_t[sl, None]
+        return lp_s, lp_t, bridge_logits(lp_s, lp_t, a[sl, None], b[sl, None])
+
+    # round 3: the bridge's row maximum
+    m_x = all_reduce(chunks(lambda sl, zs, zt: bridge(sl, zs, zt)[2].amax(-1, keepdim=True), 1),
+                     dist.ReduceOp.MAX, group)[:, 0]
+    m_xf = finite(m_x)
+
+    # round 4: the bridge's normalizer and the expectations the loss needs
+    def sums(sl, zs, zt):
+        lp_s, lp_t, x = bridge(sl, zs, zt)
+        p = lp_s.exp()
+        e = (x - m_xf[sl, None]).exp()
+        return torch.stack([e.sum(-1), _xmul(p, lp_s).sum(-1), _xmul(p, lp_t).sum(-1),
+                            _xmul(e, x - m_xf[sl, None]).sum(-1), _xmul(e, lp_s).sum(-1)], -1)
+    r4 = all_reduce(chunks(sums, 5), dist.ReduceOp.SUM, group)
+    z_x, e_s, e_t = r4[:, 0], r4[:, 1], r4[:, 2]
+    log_z_q = m_xf + z_x.log()
+    e_p = (1.0 - b) * e_s - a * e_t  # E_p[u], u = (1 - b) lp_S - a lp_T
+    if opts.divergence == Divergence.REVERSE_KL:  # E_p[lp_S] - E_p[x] + log Z_q
+        loss = e_p + log_z_q
+    elif opts.divergence == Divergence.FORWARD_KL:  # E_q[x - m] - log sum e^(x - m) - E_q[lp_S]
+        loss = r4[:, 3] / z_x - z_x.log() - r4[:, 4] / z_x
+    else:  # round 5 (JSD): pi sum q (log q - log m) and sum p h, h = (1 - pi) (lp_S - log m)
+        pi = opts.jsd_beta
+
+        def mixture(sl, zs, zt):
+            lp_s, _, x = bridge(sl, zs, zt)
+            log_q = x - log_z_q[sl, None]
+            log_m = log_mixture(lp_s, log_q, pi)
+            return torch.stack([_xmul(log_q.exp(), log_q - log_m).sum(-1),
+                                (1 - pi) * _xmul(lp_s.exp(), lp_s - log_m).sum(-1)], -1)
+        r5 = all_reduce(chunks(mixture, 2), dist.ReduceOp.SUM, group)
+        loss = pi * r5[:, 0] + r5[:, 1]
+        e_p = r5[:, 1]
+    loss = torch.where(z_x == 0, torch.full_like(loss, math.inf), loss)
+
+    zero = torch.zeros_like(loss)
+    out = torch.zeros(n, C.WIDTH["logits"], dtype=cdt, device=s.device)
+    for c, v in ((C.LOSS, loss), (C.DELTA, delta), (C.GATE, g), (C.TEACHER_KL, e_s - e_t),
+                 (C.ENTROPY, -e_s)):
+        out[:, c] = torch.where(valid, v, zero)
+    out[:, C.A], out[:, C.B] = a, b
+    out[:, LSE_S], out[:, LSE_T], out[:, LOG_Z_Q], out[:, E_P] = lse_s, lse_t, log_z_q, e_p
+    return out
+
+
+def opd_rows_parallel_backward(grad_rows, student, teacher, tokens, rows, opts, group):
+    """d loss / d (this rank's student shard), from the combined row state."""
+    shape = student.shape
+    s = _as_rows(student)
+    n, vl = s.shape
+    t = _as_rows(teacher)[:, :vl]
+    cdt = _compute_dtype(s, t)
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    valid = (tokens != opts.ignore_index).unsqueeze(-1)
+    for sl in _chunks(n, vl):
+        r = rows[sl].to(cdt)
+        gv = opd_grad_logprobs(s[sl].to(cdt) / opts.temperature - r[:, LSE_S, None],
+                               t[sl].to(cdt) / opts.teacher_temperature - r[:, LSE_T, None],
+                               r[:, C.A, None], r[:, C.B, None], opts, e_p=r[:, E_P, None],
+                               log_z_q=r[:, LOG_Z_Q, None])
+        gv = gv * grad_rows[sl].to(cdt).unsqueeze(-1)
+        grad[sl] = torch.where(valid[sl], gv, torch.zeros_like(gv)).to(s.dtype)
+    return grad.view(shape)
+
+
+def sampled_rows_parallel(student, teacher_logprobs, tokens, sign, opts, group):
+    """The table (N, WIDTH["sampled"]); column S_LSE holds log Z_S for the backward."""
+    _check(student, tokens, opts, group)
+    s = _as_rows(student)
+    n, vl = s.shape
+    cdt = _compute_dtype(s, teacher_logprobs)
+    valid = tokens != opts.ignore_index
+    own, col = _owned(tokens, shard_start(vl, group), vl, opts.ignore_index)
+    m = torch.empty(n, 1, dtype=cdt, device=s.device)
+    for sl in _chunks(n, vl):
+        m[sl, 0] = (s[sl].to(cdt) / opts.temperature).amax(-1)
+    m_s = finite(all_reduce(m, dist.ReduceOp.MAX, group)[:, 0])
+    r = torch.empty(n, 3, dtype=cdt, device=s.device)
+    for sl in _chunks(n, vl):
+        zc = s[sl].to(cdt) / opts.temperature - m_s[sl, None]
+        e = zc.exp()
+        r[sl] = torch.stack([e.sum(-1), _xmul(e, zc).sum(-1),
+                             _gather_owned(zc, own[sl], col[sl])], -1)
+    r = all_reduce(r, dist.ReduceOp.SUM, group)
+    log_z = log_total(torch.zeros_like(m_s), r[:, 0])
+    lp_s_y = r[:, 2] - log_z
+    delta = sampled_delta(teacher_logprobs.to(cdt), lp_s_y)
+    lam, g = gate_lambda(delta, None if sign is None else sign.to(cdt), opts.lam_pos,
+                         opts.lam_neg)
+    adv = lam * delta
+    # -E_p[lp_S], lp_S = zc - log Z; 0 for a row without support
+    entropy = torch.where(r[:, 0] == 0, torch.zeros_like(log_z), log_z - r[:, 1] / r[:, 0])
+    zero = torch.zeros_like(delta)
+    out = torch.zeros(n, C.WIDTH["sampled"], dtype=cdt, device=s.device)
+    for c, v in ((C.LOSS, -_xmul(adv, lp_s_y)), (C.DELTA, delta), (C.GATE, g),
+                 (C.TEACHER_KL, -delta), (C.ENTROPY, entropy), (C.ADV, adv)):
+        out[:, c] = torch.where(valid, v, zero)
+    out[:, S_LSE] = m_s + log_z
+    return out
+
+
+def sampled_rows_parallel_backward(grad_rows, student, teacher_logprobs, tokens, rows, opts,
+                                   group):
+    """-(A / tau) (onehot(y) - p_S) on this rank's shard."""
+    shape = student.shape
+    s = _as_rows(student)
+    n, vl = s.shape
+    cdt = _compute_dtype(s)
+    own, col = _owned(tokens, shard_start(vl, group), vl, opts.ignore_index)
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    valid = (tokens != opts.ignore_index).unsqueeze(-1)
+    tau = opts.temperature
+    for sl in _chunks(n, vl):
+        p = (s[sl].to(cdt) / tau - rows[sl, S_LSE, None].to(cdt)).exp()
+        onehot = torch.zeros_like(p).scatter_(-1, col[sl], 1.0) * own[sl, None].to(cdt)
+        adv = rows[sl, C.ADV, None].to(cdt)
+        gv = -(adv / tau) * (onehot - p) * grad_rows[sl].to(cdt).unsqueeze(-1)
+        grad[sl] = torch.where(valid[sl], gv, torch.zeros_like(gv)).to(s.dtype)
+    return grad.view(shape)

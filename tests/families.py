@@ -1,0 +1,66 @@
+"""The loss families and backends that the shared tests run over.
+
+Each family names its public loss, its float64 oracle and how to build a
+teacher for given student logits; ``test_families.py`` (edge cases,
+determinism, torch.compile) and ``test_footprint.py`` (allocations, host
+reads) run over every family x backend below, so a new family or backend
+inherits them by one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import sgopd_kernels as sk
+from sgopd_kernels import _dispatch
+from conftest import TRITON_DEVICE
+from helpers import oracle_opd, oracle_sampled
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                # the key of sgopd_kernels._rows.WIDTH
+    loss: Callable           # loss(student, *teacher, tokens, verifier, **keywords)
+    oracle: Callable         # oracle(student, *teacher, tokens, verifier, **keywords) (float64)
+    teacher: Callable        # teacher(student, generator) -> the teacher's tensors, a tuple
+    options: dict = field(default_factory=dict)  # keywords that exercise the family
+
+    def __call__(self, student, teacher, tokens, verifier=None, **kw):
+        return self.loss(student, *teacher, tokens, verifier, **kw)
+
+
+def _teacher_logits(s, gen):
+    extra = 5  # a padded teacher vocabulary
+    t = torch.randn(*s.shape[:-1], s.shape[-1] + extra, generator=gen)
+    return (t.to(s.dtype).to(s.device),)
+
+
+def _teacher_logprobs(s, gen):
+    return ((-5 * torch.rand(*s.shape[:-1], generator=gen)).to(s.device),)
+
+
+FAMILIES = [
+    Family("logits", sk.gated_opd_loss, oracle_opd, _teacher_logits,
+           dict(beta=0.2, divergence="forward_kl")),
+    Family("sampled", sk.sampled_opd_loss, oracle_sampled, _teacher_logprobs,
+           dict(extrapolation=1.5)),
+]
+
+
+def _runs(name: str, device: str) -> bool:
+    cap = _dispatch.BY_NAME[name]
+    return cap.unavailable(device) is None and device in cap.devices
+
+
+# (backend, the device of its tensors here) for every backend that runs on this machine
+BACKENDS = [(name, dev) for name, dev in (("torch", "cpu"), ("triton", TRITON_DEVICE),
+                                          ("cpu", "cpu"), ("cuda", "cuda"))
+            if _runs(name, dev)]
+KERNELS = [(name, dev) for name, dev in BACKENDS if name != "torch"]
+
+
+def ids(params):
+    return [f"{f.name}-{b}" for f, (b, _) in params]
