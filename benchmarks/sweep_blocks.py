@@ -63,7 +63,7 @@ from sgopd_kernels import _rows as C  # noqa: E402
 from sgopd_kernels.triton import logits as K  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from bench_loss import copy_bandwidth, git_commit, time_ms, triton_version  # noqa: E402
+from harness import copy_bandwidth, git_commit, time_ms, triton_version  # noqa: E402
 
 
 COMPARED = [C.LOSS, C.DELTA, C.GATE, C.TEACHER_KL, C.ENTROPY, C.A, C.B]
@@ -108,7 +108,7 @@ def main(args):
     tok = torch.randint(0, vocab, (n,), device=dev, generator=gen)
     sign = torch.where(torch.rand(n, device=dev, generator=gen) > 0.5, 1.0, -1.0)
     grow = torch.full((n,), 1.0 / n, device=dev)
-    # bench_loss's timing: do_bench on a GPU, perf_counter repetitions on a CPU
+    # the harness's timing: do_bench on a GPU, perf_counter repetitions on a CPU
     ctx = argparse.Namespace(on_gpu=on_gpu, device=dev,
                              args=argparse.Namespace(rep=args.rep, warmup=25))
     bw = copy_bandwidth(ctx)
