@@ -24,14 +24,36 @@ tensors): a smoke test whose timings say nothing about GPU speed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import re
 import sys
-from pathlib import Path
+from functools import partial
 
-HERE = Path(__file__).resolve().parent
+import torch
+
+import harness
+
+
+def kernels(case, s, t, tok, sign, grad_rows):
+    """The logits kernels of a sweep case (rkl, fkl, rkl-gated, fkl-gated): the only calls of
+    their launchers. Returns ``forward(**launch)`` (the row table), ``backward(rows, **launch)``
+    (the gradient) and the row-table columns a launch setting must not change; ``launch``:
+    ``block_v``, ``num_warps``."""
+    from sgopd_kernels import _rows as C
+    from sgopd_kernels.triton import logits as K
+
+    reverse, gated = case.startswith("rkl"), case.endswith("gated")
+    common = dict(reverse=reverse, temperature=1.0, ignore_index=-100)
+    sg = sign if gated else None
+
+    def forward(**launch):
+        return K.opd_rows(s, t, tok, sg, beta=0.1 if gated else 0.0, lam_pos=1.8, lam_neg=1.0,
+                          **common, **launch)
+
+    def backward(rows, **launch):
+        return K.opd_rows_backward(grad_rows, s, t, tok, rows, **common, **launch)
+    # the loss, statistics and bridge coefficients (the saved frame depends on the first block,
+    # so its columns differ)
+    compared = [C.LOSS, C.DELTA, C.GATE, C.TEACHER_KL, C.ENTROPY, C.A, C.B]
+    return forward, backward, compared
 
 
 def parse_args(argv=None):
@@ -50,26 +72,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.interpret:
-    os.environ["TRITON_INTERPRET"] = "1"
-    import warnings
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
-
-import torch  # noqa: E402
-
-sys.path.insert(0, str(HERE.parent))
-from sgopd_kernels import _rows as C  # noqa: E402
-from sgopd_kernels.triton import logits as K  # noqa: E402
-
-sys.path.insert(0, str(HERE))
-from bench_loss import copy_bandwidth, git_commit, time_ms, triton_version  # noqa: E402
-
-
-COMPARED = [C.LOSS, C.DELTA, C.GATE, C.TEACHER_KL, C.ENTROPY, C.A, C.B]
-
-
-def design(ctx, meta, case, kw, bkw, s, t, tok, sg, grow, rows):
+def design(ctx, meta, case, forward, backward, rows):
     """Recompute in backward (this library) against writing the gradient in forward.
 
     With the default launch settings: the forward kernel, the backward kernel, and the
@@ -78,11 +81,11 @@ def design(ctx, meta, case, kw, bkw, s, t, tok, sg, grow, rows):
     forward = fwd + bwd (the gradient is written there), training step = the same, plus
     the scaling pass when grad_output != 1. Evaluation runs the forward only.
     """
-    t_f = time_ms(ctx, lambda: K.opd_rows(s, t, tok, sg, **kw), [])[0]
-    t_b = time_ms(ctx, lambda: K.opd_rows_backward(grow, s, t, tok, rows, **bkw), [])[0]
-    stored = K.opd_rows_backward(grow, s, t, tok, rows, **bkw)
+    t_f = harness.time_ms(ctx, forward, [])[0]
+    t_b = harness.time_ms(ctx, lambda: backward(rows), [])[0]
+    stored = backward(rows)
     factor = torch.ones((), device=stored.device)
-    t_s = time_ms(ctx, lambda: stored.mul_(factor), [])[0]
+    t_s = harness.time_ms(ctx, lambda: stored.mul_(factor), [])[0]
     rec = dict(meta, case=case, kernel="design", fwd_ms=t_f, bwd_ms=t_b, scale_ms=t_s,
                recompute_eval_ms=t_f, recompute_step_ms=t_f + t_b,
                store_eval_ms=t_f + t_b, store_step_ms=t_f + t_b,
@@ -93,14 +96,16 @@ def design(ctx, meta, case, kw, bkw, s, t, tok, sg, grow, rows):
     return rec
 
 
-def main(args):
-    on_gpu = torch.cuda.is_available() and not args.interpret
-    if not on_gpu and not args.interpret:
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.interpret and not torch.cuda.is_available():
         print("no GPU: pass --interpret to run the kernels in the Triton interpreter")
         return 2
-    dev = torch.device("cuda" if on_gpu else "cpu")
-    gpu = re.sub(r"[^A-Za-z0-9_.-]", "_", torch.cuda.get_device_name(dev)) if on_gpu else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    harness.setup(args.interpret)  # before triton is first imported
+    # the harness's timing: do_bench on a GPU, perf_counter repetitions on a CPU
+    ctx = harness.context(argparse.Namespace(rep=args.rep, warmup=25), cpu=args.interpret)
+    on_gpu, dev, gpu = ctx.on_gpu, ctx.device, ctx.meta["gpu"]
+    dtype = harness.TORCH_DTYPES[args.dtype]
     n, vocab = args.N, args.V
     gen = torch.Generator(device=dev).manual_seed(0)
     s = torch.randn(n, vocab, device=dev, generator=gen).mul_(3).to(dtype)
@@ -108,49 +113,35 @@ def main(args):
     tok = torch.randint(0, vocab, (n,), device=dev, generator=gen)
     sign = torch.where(torch.rand(n, device=dev, generator=gen) > 0.5, 1.0, -1.0)
     grow = torch.full((n,), 1.0 / n, device=dev)
-    # bench_loss's timing: do_bench on a GPU, perf_counter repetitions on a CPU
-    ctx = argparse.Namespace(on_gpu=on_gpu, device=dev,
-                             args=argparse.Namespace(rep=args.rep, warmup=25))
-    bw = copy_bandwidth(ctx)
+    bw = harness.copy_bandwidth(ctx)
     elt = s.element_size()
     sol = {"fwd": 2 * n * vocab * elt / bw * 1e3, "bwd": 3 * n * vocab * elt / bw * 1e3}
-    meta = dict(gpu=gpu, commit=git_commit(), torch=torch.__version__, triton=triton_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                N=n, V=vocab, dtype=args.dtype, bandwidth_tbs=bw / 1e12)
-    print(f"device {gpu}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, "
-          f"N={n} V={vocab} {args.dtype}, copy bandwidth {bw / 1e12:.3f} TB/s")
+    meta = dict(ctx.meta, N=n, V=vocab, dtype=args.dtype, bandwidth_tbs=bw / 1e12)
+    print(f"{harness.describe(meta)}, N={n} V={vocab} {args.dtype}, "
+          f"copy bandwidth {bw / 1e12:.3f} TB/s")
     if not on_gpu:
         print("NOTE: interpreted on a CPU: these timings say nothing about GPU speed.")
     records = []
     for case in args.cases.split(","):
-        reverse, gated = case.startswith("rkl"), case.endswith("gated")
-        kw = dict(beta=0.1 if gated else 0.0, lam_pos=1.8, lam_neg=1.0, reverse=reverse,
-                  temperature=1.0, ignore_index=-100)
-        sg = sign if gated else None
-        base_rows = K.opd_rows(s, t, tok, sg, **kw)
-        bkw = dict(reverse=reverse, temperature=1.0, ignore_index=-100)
-        base_grad = K.opd_rows_backward(grow, s, t, tok, base_rows, **bkw).float()
+        forward, backward, compared = kernels(case, s, t, tok, sign, grow)
+        base_rows = forward()
+        base_grad = backward(base_rows).float()
         for block in args.blocks:
             for warps in args.warps:
                 if block < 32 * warps:
                     continue
                 for kernel in ("fwd", "bwd"):
-                    if kernel == "fwd":
-                        def fn():
-                            return K.opd_rows(s, t, tok, sg, block_v=block, num_warps=warps, **kw)
-                    else:
-                        def fn():
-                            return K.opd_rows_backward(grow, s, t, tok, base_rows, block_v=block,
-                                                       num_warps=warps, **bkw)
+                    launch = dict(block_v=block, num_warps=warps)
+                    fn = (partial(forward, **launch) if kernel == "fwd"
+                          else partial(backward, base_rows, **launch))
                     try:
                         out = fn().float()
-                        if kernel == "fwd":  # the loss, statistics and bridge coefficients (the
-                            # saved frame depends on the first block, so its columns differ)
-                            out, want = out[:, COMPARED], base_rows[:, COMPARED]
+                        if kernel == "fwd":
+                            out, want = out[:, compared], base_rows[:, compared]
                         else:
                             want = base_grad
                         ok = torch.allclose(out, want, rtol=1e-4, atol=1e-5, equal_nan=True)
-                        ms, p20, p80 = time_ms(ctx, fn, [])
+                        ms, p20, p80 = harness.time_ms(ctx, fn, [])
                     except Exception as e:  # e.g. out of resources for a large block
                         print(f"  {case:<10} {kernel} BLOCK_V={block:<5} warps={warps:<2} "
                               f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -162,7 +153,7 @@ def main(args):
                     print(f"  {case:<10} {kernel} BLOCK_V={block:<5} warps={warps:<2} "
                           f"{ms:8.3f} ms [{p20:.3f}, {p80:.3f}]  {rec['pct_sol']:5.1f}% SoL  "
                           f"{rec['check']}", flush=True)
-        records.append(design(ctx, meta, case, kw, bkw, s, t, tok, sg, grow, base_rows))
+        records.append(design(ctx, meta, case, forward, backward, base_rows))
     for case in args.cases.split(","):
         for kernel in ("fwd", "bwd"):
             rs = [r for r in records if r["case"] == case and r["kernel"] == kernel
@@ -172,13 +163,11 @@ def main(args):
                 print(f"best {case:<10} {kernel}: BLOCK_V={best['block_v']} "
                       f"warps={best['num_warps']} {best['ms']:.3f} ms")
     if on_gpu and not args.no_record and records:
-        out = HERE / "results" / f"{gpu}_sweep.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        out = harness.RESULTS / f"{gpu}_sweep.jsonl"
+        harness.append_jsonl(out, records)
         print(f"appended {len(records)} lines to {out}")
     return 1 if any(r.get("check") == "mismatch" for r in records) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(ARGS))
+    sys.exit(main())
