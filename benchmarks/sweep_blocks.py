@@ -38,18 +38,19 @@ def kernels(case, s, t, tok, sign, grad_rows):
     (the gradient) and the row-table columns a launch setting must not change; ``launch``:
     ``block_v``, ``num_warps``."""
     from sgopd_kernels import _rows as C
+    from sgopd_kernels.api import row_options
     from sgopd_kernels.triton import logits as K
 
-    reverse, gated = case.startswith("rkl"), case.endswith("gated")
-    common = dict(reverse=reverse, temperature=1.0, ignore_index=-100)
+    gated = case.endswith("gated")
+    opts = row_options(divergence="reverse_kl" if case.startswith("rkl") else "forward_kl",
+                       beta=0.1 if gated else 0.0, extrapolation=1.8, interpolation=1.0)
     sg = sign if gated else None
 
     def forward(**launch):
-        return K.opd_rows(s, t, tok, sg, beta=0.1 if gated else 0.0, lam_pos=1.8, lam_neg=1.0,
-                          **common, **launch)
+        return K.opd_rows(s, t, tok, sg, opts, **launch)
 
     def backward(rows, **launch):
-        return K.opd_rows_backward(grad_rows, s, t, tok, rows, **common, **launch)
+        return K.opd_rows_backward(grad_rows, s, t, tok, rows, opts, **launch)
     # the loss, statistics and bridge coefficients (the saved frame depends on the first block,
     # so its columns differ)
     compared = [C.LOSS, C.DELTA, C.GATE, C.TEACHER_KL, C.ENTROPY, C.A, C.B]
