@@ -1,4 +1,7 @@
-"""Phased teacher sampling at cold start (SPEC §8): the schedule and the rollout picker.
+"""Schedules (SPEC §2, §8): Veto's bridge exponent, and phased teacher sampling at cold start.
+
+:func:`beta_schedule` gives Veto's beta at a step: constant, or decayed from ``beta0``
+to 0 (linearly or as a cosine), as Veto decays it over training.
 
 At step ``k`` a fraction ``rho(k)`` of each prompt's rollout group is replaced
 by teacher rollouts that the verifier endorsed; ``rho`` decays from ``rho0``
@@ -18,6 +21,48 @@ import torch
 from torch import Tensor
 
 SCHEDULES = ("linear", "cosine")
+BETA_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _check_step(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+
+
+def _decay(step: int, steps: int, schedule: str) -> float:
+    """The factor in [0, 1] of a decay from 1 at step 0 to 0 at ``steps`` (0 from then on)."""
+    if step >= steps:
+        return 0.0
+    t = step / steps
+    if schedule == "linear":
+        return 1.0 - t
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def beta_schedule(step: int, *, beta0: float, decay_steps: Optional[int] = None,
+                  schedule: str = "linear") -> float:
+    """Veto's bridge exponent beta at ``step``: the ``beta`` of :func:`gated_opd_loss`.
+
+    ``"constant"``: ``beta0`` at every step (``decay_steps`` is not used and may be None).
+    ``"linear"``: ``beta0 * (1 - step / decay_steps)``; ``"cosine"``:
+    ``beta0 * (1 + cos(pi * step / decay_steps)) / 2``; both are 0 from ``decay_steps`` on,
+    and ``decay_steps=0`` means no bridge (always 0).
+    """
+    _check_step("step", step)
+    if isinstance(beta0, bool) or not isinstance(beta0, numbers.Real) \
+            or not math.isfinite(float(beta0)) or float(beta0) < 0:
+        raise ValueError(f"beta0: expected a finite number >= 0, got {beta0!r}")
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f"schedule: expected one of {BETA_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant":
+        if decay_steps is not None:
+            _check_step("decay_steps", decay_steps)
+        return float(beta0)
+    if decay_steps is None:
+        raise ValueError(f"decay_steps: schedule={schedule!r} decays beta0 to 0 over decay_steps "
+                         "steps; pass an int >= 0 (or schedule='constant')")
+    _check_step("decay_steps", decay_steps)
+    return float(beta0) * _decay(step, decay_steps, schedule)
 
 
 def teacher_fraction(step: int, *, rho0: float, cold_start_steps: int,
@@ -29,19 +74,13 @@ def teacher_fraction(step: int, *, rho0: float, cold_start_steps: int,
     ``cold_start_steps=0`` means no cold start (always 0).
     """
     for name, value in (("step", step), ("cold_start_steps", cold_start_steps)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+        _check_step(name, value)
     if isinstance(rho0, bool) or not isinstance(rho0, numbers.Real) \
             or not 0.0 <= float(rho0) <= 1.0:
         raise ValueError(f"rho0: expected a number in [0, 1], got {rho0!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
-    if step >= cold_start_steps:
-        return 0.0
-    t = step / cold_start_steps
-    if schedule == "linear":
-        return float(rho0) * (1.0 - t)
-    return float(rho0) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return float(rho0) * _decay(step, cold_start_steps, schedule)
 
 
 def _random_pick(candidates: Tensor, count: Tensor, generator) -> Tensor:

@@ -83,3 +83,46 @@ def test_select_is_reproducible_and_uniform():
 def test_select_validation(args, exc, text):
     with pytest.raises(exc, match=text):
         sk.select_teacher_rollouts(*args)
+
+
+# ---------------------------------------------------------------------------
+# Veto's bridge exponent
+
+def test_beta_constant_is_beta0_at_every_step():
+    assert [sk.beta_schedule(s, beta0=0.3, schedule="constant") for s in (0, 7, 10 ** 6)] \
+        == [0.3, 0.3, 0.3]
+    assert sk.beta_schedule(5, beta0=0.3, decay_steps=2, schedule="constant") == 0.3
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_beta_decays_from_beta0_to_zero(schedule):
+    k = 8
+    values = [sk.beta_schedule(s, beta0=0.4, decay_steps=k, schedule=schedule) for s in range(k + 3)]
+    assert values[0] == 0.4
+    assert all(a > b for a, b in zip(values[:k], values[1:k + 1]))
+    assert values[k:] == [0.0] * 3
+    assert values[4] == pytest.approx(0.2)  # both shapes pass beta0 / 2 half way
+    expected = 0.4 * (1 - 2 / k) if schedule == "linear" else 0.2 * (1 + math.cos(math.pi * 2 / k))
+    assert values[2] == pytest.approx(expected)
+    # the schedules differ away from the ends and the middle
+    other = "cosine" if schedule == "linear" else "linear"
+    assert values[2] != pytest.approx(sk.beta_schedule(2, beta0=0.4, decay_steps=k, schedule=other))
+
+
+def test_beta_without_decay_steps_is_zero():
+    assert sk.beta_schedule(0, beta0=0.5, decay_steps=0) == 0.0
+
+
+@pytest.mark.parametrize("kw,text", [
+    (dict(step=-1), "step"), (dict(step=2.0), "step"), (dict(beta0=-0.1), "beta0"),
+    (dict(beta0=float("nan")), "beta0"), (dict(beta0=True), "beta0"),
+    (dict(decay_steps=-1), "decay_steps"), (dict(decay_steps=None), "decay_steps"),
+    (dict(decay_steps=3.5), "decay_steps"), (dict(schedule="exp"), "schedule"),
+    (dict(schedule="constant", decay_steps=-2), "decay_steps"),
+])
+def test_beta_validation(kw, text):
+    args = dict(step=0, beta0=0.5, decay_steps=10, schedule="linear")
+    args.update(kw)
+    step = args.pop("step")
+    with pytest.raises(ValueError, match=text):
+        sk.beta_schedule(step, **args)
