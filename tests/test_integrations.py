@@ -515,3 +515,27 @@ def test_hf_compute_loss_func_validation():
     f = OPDComputeLoss(m, m)
     with pytest.raises(RuntimeError, match="forward"):
         f({"logits": torch.zeros(1, 2, 3)}, torch.zeros(1, 2, dtype=torch.long))
+# ---------------------------------------------------------------------------
+# the example
+
+def test_example_quick_run_writes_metrics_and_plot(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import opd_toy
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "run"
+    opd_toy.main(["--quick", "--out", str(out), "--steps", "6", "--teacher-steps", "20",
+                  "--eval-every", "3", "--eval-size", "32", "--no-progress"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"opd", "veto", "sgopd"}
+    for name, m in metrics["methods"].items():
+        assert [e["step"] for e in m["eval"]] == [0, 3, 6]
+        assert all(0.0 <= e["accuracy"] <= 1.0 for e in m["eval"])
+        assert len(m["train"]) == 6 and all(r["loss"] == r["loss"] for r in m["train"])
+    assert 0.0 <= metrics["teacher"]["accuracy"] <= 1.0
+    # the same seeds: every method starts from the same student
+    starts = {m["eval"][0]["accuracy"] for m in metrics["methods"].values()}
+    assert len(starts) == 1
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "opd_toy.png").stat().st_size > 0
