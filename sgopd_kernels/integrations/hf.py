@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from .. import api as _api
-from . import _compat
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -105,13 +104,13 @@ def opd_views(
     """
     _check_ids("input_ids", input_ids)
     batch, width = input_ids.shape
-    _api._check_logits("logits", logits)
+    _api.check_logits("logits", logits)
     if logits.dim() != 3 or logits.shape[0] != batch or not 2 <= logits.shape[1] <= width:
         raise ValueError(f"logits: expected shape (B={batch}, L, V) with 2 <= L <= T={width} "
                          f"(the last L positions of input_ids), got {tuple(logits.shape)}")
     keep = logits.shape[1]
     if teacher_logits is not None:
-        _api._check_logits("teacher_logits", teacher_logits)
+        _api.check_logits("teacher_logits", teacher_logits)
         if teacher_logits.shape[:2] != logits.shape[:2]:
             raise ValueError(f"teacher_logits: expected shape ({batch}, {keep}, V_T) like logits "
                              f"over the same positions, got {tuple(teacher_logits.shape)}")
@@ -271,10 +270,8 @@ class OPDComputeLoss:
         for name in ("reduction", "return_stats", "num_items_in_batch", "verifier"):
             if name in loss_keywords:
                 raise TypeError(f"{name}: set by OPDComputeLoss itself; do not pass it")
-        # the keywords are checked once, here, as the loss checks them
-        _api.GatedOPDLoss(**{k: v for k, v in loss_keywords.items()
-                             if k in ("beta", "extrapolation", "interpolation", "divergence",
-                                      "temperature", "ignore_index", "backend")})
+        # the keywords are checked once, here, as the loss checks them (unknown ones included)
+        _api.GatedOPDLoss(**loss_keywords)
         self.teacher_model = teacher_model
         self.verifier_key = verifier_key
         self.validate = validate
@@ -314,13 +311,11 @@ class OPDComputeLoss:
             verifier = torch.as_tensor(verifier)
         if verifier is not None:
             verifier = verifier.to(logits.device)
-        keywords, divisor = _compat.normalize(_api.gated_opd_loss, self.loss_keywords,
-                                              num_items_in_batch)
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(logits.device)
         loss, stats = _api.gated_opd_loss(views.student_logits, views.teacher_logits,
-                                          views.tokens, verifier, return_stats=True, **keywords)
+                                          views.tokens, verifier, return_stats=True,
+                                          num_items_in_batch=num_items_in_batch,
+                                          **self.loss_keywords)
         self.last_stats = stats
-        if divisor is not None:
-            if isinstance(divisor, Tensor):
-                divisor = divisor.to(loss.device)
-            loss = loss / divisor
         return loss

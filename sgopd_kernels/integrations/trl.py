@@ -65,9 +65,8 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -76,7 +75,6 @@ from trl import DistillationConfig, DistillationTrainer
 from .. import api as _api
 from .. import linear as _linear
 from .. import schedule as _schedule
-from . import _compat
 
 LOSS_PATHS = ("fused", "logits")
 VERIFIER_MODES = ("verdict", "advantage")
@@ -88,7 +86,7 @@ class GatedDistillationConfig(DistillationConfig):
     r"""TRL's ``DistillationConfig`` with the knobs of sgopd_kernels.
 
     TRL's ``beta`` keeps its meaning (1.0 reverse KL, 0.0 forward KL, in between the
-    generalized JSD, which needs a core with ``divergence="jsd"``); ``divergence``,
+    generalized JSD, the library's ``divergence="jsd"``); ``divergence``,
     when set, overrides the choice. All fields below default to TRL's behaviour.
 
     Parameters:
@@ -196,7 +194,7 @@ def resolve_divergence(divergence: Optional[str], beta: float):
 
     TRL's ``beta``: 1.0 reverse KL, 0.0 forward KL, in between the generalized JSD with
     mixture ``(1 - beta) p_S + beta p_T``, which is the library's ``"jsd"`` with
-    ``jsd_beta = beta``; a core without it refuses such a ``beta``.
+    ``jsd_beta = beta``.
     """
     choices = ("reverse_kl", "forward_kl", "jsd")
     if divergence is not None and divergence not in choices:
@@ -211,10 +209,6 @@ def resolve_divergence(divergence: Optional[str], beta: float):
     elif divergence == "jsd" and not between:
         raise ValueError(f"divergence='jsd' takes TRL's beta as its mixture weight, which must be "
                          f"in (0, 1); got beta={beta}")
-    if divergence == "jsd" and not _compat.has_jsd():
-        raise ValueError(f"beta={beta}: TRL computes the generalized JSD for a beta between 0 and "
-                         "1, and this version of sgopd_kernels has no JSD yet "
-                         "(divergence='jsd'); use beta=1.0 (reverse KL) or beta=0.0 (forward KL)")
     return divergence, (beta if divergence == "jsd" else None)
 
 
@@ -313,7 +307,6 @@ class GatedDistillationTrainer(DistillationTrainer):
                                   for f in self.reward_funcs]
         self._opd_generator = torch.Generator().manual_seed(args.seed)
         self._opd_last = None
-        self._warned_fallback = False
 
     # -- the loss ---------------------------------------------------------------------------
 
@@ -380,17 +373,6 @@ class GatedDistillationTrainer(DistillationTrainer):
         s_head = head_transform(unwrapped_student.config)
         t_head = head_transform(unwrapped_teacher.config)
         path = self.args.loss_path
-        if path == "fused" and not _compat.takes(_linear.fused_linear_gated_opd_loss,
-                                                 "student_softcap") \
-                and (s_head != (1.0, None) or t_head != (1.0, None)):
-            if not self._warned_fallback:
-                warnings.warn(
-                    f"loss_path='fused': the heads scale or cap their logits (student "
-                    f"{s_head}, teacher {t_head}) and this version of "
-                    "fused_linear_gated_opd_loss takes no logit scale or softcap; the loss uses "
-                    "the models' own logits instead (loss_path='logits')", UserWarning)
-                self._warned_fallback = True
-            path = "logits"
         if path == "fused":
             loss, stats = self._fused_loss(unwrapped_student, unwrapped_teacher, input_ids,
                                            attention_mask, keep, mm, tokens, verifier,
@@ -417,27 +399,14 @@ class GatedDistillationTrainer(DistillationTrainer):
         tokens = tokens.to(device)
         ws, bs = s_lm.weight, s_lm.bias
         wt, bt = t_lm.weight.to(device), None if t_lm.bias is None else t_lm.bias.to(device)
-        fused = _linear.fused_linear_gated_opd_loss
-        extra = {}
-        if _compat.takes(fused, "student_softcap"):
-            extra = dict(student_logit_scale=s_head[0], teacher_logit_scale=t_head[0],
-                         student_softcap=s_head[1], teacher_softcap=t_head[1])
-            autocast_off = False
-        else:
-            # a core that predates SPEC §6's mixed-precision support: one dtype per model
-            # (the head cast to its hidden states' dtype, differentiably), autocast off
-            ws = ws.to(hs.dtype) if ws.dtype != hs.dtype else ws
-            bs = bs.to(hs.dtype) if bs is not None and bs.dtype != hs.dtype else bs
-            wt = wt.to(ht.dtype)
-            bt = None if bt is None else bt.to(ht.dtype)
-            autocast_off = True
-        kw, divisor = _compat.normalize(fused, keywords, num_items_in_batch)
-        with torch.autocast(device.type, enabled=False) if autocast_off else _null():
-            loss, stats = fused(hs, ws, ht, wt, tokens, _verifier(verifier, device),
-                                student_bias=bs, teacher_bias=bt,
-                                chunk_size=self.args.loss_chunk_size, return_stats=True,
-                                **extra, **kw)
-        return _divide(loss, divisor), stats
+        loss, stats = _linear.fused_linear_gated_opd_loss(
+            hs, ws, ht, wt, tokens, _verifier(verifier, device), student_bias=bs,
+            teacher_bias=bt, chunk_size=self.args.loss_chunk_size,
+            student_logit_scale=s_head[0], teacher_logit_scale=t_head[0],
+            student_softcap=s_head[1], teacher_softcap=t_head[1],
+            num_items_in_batch=_count(num_items_in_batch, device), return_stats=True,
+            **keywords)
+        return loss, stats
 
     def _logits_loss(self, student, teacher, input_ids, attention_mask, keep, mm, tokens,
                      verifier, keywords, num_items_in_batch):
@@ -447,10 +416,11 @@ class GatedDistillationTrainer(DistillationTrainer):
                                            teacher, input_ids, attention_mask, keep, mm)
         zt = zt.to(zs.device)
         tokens = tokens.to(zs.device)
-        kw, divisor = _compat.normalize(_api.gated_opd_loss, keywords, num_items_in_batch)
-        loss, stats = _api.gated_opd_loss(zs, zt, tokens, _verifier(verifier, zs.device),
-                                          return_stats=True, **kw)
-        return _divide(loss, divisor), stats
+        loss, stats = _api.gated_opd_loss(
+            zs, zt, tokens, _verifier(verifier, zs.device),
+            num_items_in_batch=_count(num_items_in_batch, zs.device), return_stats=True,
+            **keywords)
+        return loss, stats
 
     def _last_logits(self, model, input_ids, attention_mask, keep, mm):
         """The model's own logits (its head's scale and cap applied) that predict the
@@ -588,20 +558,12 @@ _MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatia
                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _divide(loss: Tensor, divisor) -> Tensor:
-    if divisor is None:
-        return loss
-    if isinstance(divisor, Tensor):
-        divisor = divisor.to(loss.device)
-    return loss / divisor
+def _count(num_items_in_batch, device):
+    """TRL's global token count (a device tensor, never read on the host), or None (eval:
+    the local mean)."""
+    if isinstance(num_items_in_batch, Tensor):
+        return num_items_in_batch.to(device)
+    return num_items_in_batch
 
 
 def _verifier(verifier: Optional[Tensor], device) -> Optional[Tensor]:
