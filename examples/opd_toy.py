@@ -321,6 +321,19 @@ def plot(metrics, path) -> bool:
     return True
 
 
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _progress(enabled):
     try:
         from tqdm.auto import tqdm
@@ -415,10 +428,8 @@ def run(cfg):
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     metrics = {
         "config": {k: v for k, v in vars(cfg).items() if k not in ("out",)},
-        "machine": {"device": str(device), "device_name": (torch.cuda.get_device_name()
-                                                           if device.type == "cuda"
-                                                           else platform.processor()
-                                                           or platform.machine()),
+        "machine": {"device": str(device), "device_name": _device_name(device),
+                    "cpu_count": os.cpu_count(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "sgopd_kernels": sk.__version__, "loss_backend": backend},
         "teacher": {"accuracy": teacher_acc, "parameters": params(teacher)},
