@@ -511,6 +511,29 @@ def test_hf_compute_loss_func_is_the_global_token_mean(tmp_path):
     loss_func.remove()
 
 
+@needs_trl
+def test_hf_compute_loss_func_takes_the_verifier_column_out_of_the_inputs():
+    student, teacher = _qwen2(16, 1), _qwen2(32, 2)
+    ids = torch.randint(2, VOCAB, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    verdict = torch.tensor([True, False, False])
+    loss_func = OPDComputeLoss(student, teacher, extrapolation=1.5)
+    out = student(input_ids=ids, attention_mask=mask, verifier=verdict)  # popped by the hook
+    loss = loss_func(out, labels, num_items_in_batch=torch.tensor(20))
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+    expected = sk.gated_opd_loss(out.logits[:, :-1], t_logits[:, :-1], labels[:, 1:], verdict,
+                                 extrapolation=1.5, reduction="sum") / 20
+    ungated = sk.gated_opd_loss(out.logits[:, :-1], t_logits[:, :-1], labels[:, 1:],
+                                reduction="sum") / 20
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, ungated)
+    assert loss_func.last_stats.consistent_frac + loss_func.last_stats.conflict_frac > 0
+    loss_func.remove()
+
+
 def test_hf_compute_loss_func_validation():
     m = torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match="reduction"):
