@@ -56,9 +56,16 @@ hook at these points:
   ``num_items_in_batch``.
 
 ``compute_loss`` (public) is overridden to log the statistics after TRL's
-returns, outside the wrapped forward (as TRL logs its entropy). Private
-attributes read: ``_metrics``, ``_tokenizer``, ``eos_token_ids``,
-``_forward_redirection``, ``generation_config``.
+returns, outside the wrapped forward (as TRL logs its entropy). Also used from
+TRL's internals, without overriding them: the private method
+``_get_last_hidden_state`` and attributes ``_metrics``, ``_tokenizer``,
+``_forward_redirection``, and ``eos_token_ids``, ``generation_config``,
+``model_kwarg_keys``, ``pad_to_multiple_of``, ``temperature``. A TRL release
+that renames them breaks this module: it is tested against TRL 1.16.0.
+
+Phased teacher sampling generates with the unwrapped teacher (``generate``),
+which is not supported under DeepSpeed ZeRO-3 (sharded teacher weights), nor
+with ``tools``; reward models (``nn.Module`` reward functions) are not supported.
 """
 
 from __future__ import annotations
@@ -294,6 +301,11 @@ class GatedDistillationTrainer(DistillationTrainer):
                 "The teacher must use the student's tokenizer; a larger (padded) vocabulary is "
                 "accepted and its extra columns are ignored")
         self.student_vocab = vocab
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if args.teacher_rho0 > 0 and args.teacher_cold_start_steps > 0 \
+                and plugin is not None and plugin.zero_stage == 3:
+            raise ValueError("teacher_rho0: phased teacher sampling generates with the whole "
+                             "teacher, which DeepSpeed ZeRO-3 shards; use ZeRO-2 or turn it off")
         if self.is_deepspeed_enabled:
             from trl.models import prepare_deepspeed
 
