@@ -103,13 +103,15 @@ def _device_type(device) -> str:
 
 
 def resolve(backend: str, device, dtype: Optional[torch.dtype], *, family: str = "logits",
-            parallel: bool = False, divergence: Divergence = Divergence.REVERSE_KL) -> str:
+            parallel: bool = False, divergence: Divergence = Divergence.REVERSE_KL,
+            dtype_of: str = "student_logits") -> str:
     """The backend a call runs: ``backend`` itself, checked, or ``"auto"``'s choice.
 
     Errors: ValueError for an unknown name or family; NotImplementedError for a
     backend that does not implement this family or mode (or divergence);
     TypeError for a dtype it does not take; RuntimeError for one that cannot run
-    here (not built, not importable, wrong device).
+    here (not built, not importable, wrong device). ``dtype_of`` names the argument whose
+    dtype ``dtype`` is (for the message).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -142,7 +144,7 @@ def resolve(backend: str, device, dtype: Optional[torch.dtype], *, family: str =
             f"backend='auto' or 'torch'")
     if dtype is not None and dtype not in cap.dtypes:
         names = ", ".join(sorted(str(d).replace("torch.", "") for d in cap.dtypes))
-        raise TypeError(f"student_logits: backend={backend!r} takes {names} logits, got "
+        raise TypeError(f"{dtype_of}: backend={backend!r} takes {names} logits, got "
                         f"{str(dtype).replace('torch.', '')}; use backend='torch' for float64")
     why = cap.unavailable(dev)
     if why is None and dev not in cap.devices:

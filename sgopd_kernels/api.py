@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -236,7 +238,19 @@ def _warn_if_rewards(v: Tensor) -> None:
     warnings.warn(
         f"verifier: {what}. For binary verdicts pass a bool tensor (rewards > 0.5); for "
         "advantages pass centred values (e.g. rewards minus the group mean).", UserWarning,
-        stacklevel=5)
+        stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package (and outside
+    ``nn.Module.__call__``): a warning points at the caller's line, whichever public function
+    or module it came through."""
+    skip = (os.path.dirname(os.path.abspath(__file__)),
+            os.path.abspath(torch.nn.modules.module.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _verifier_sign(verifier, lead: torch.Size, device: torch.device) -> Optional[Tensor]:
@@ -288,7 +302,8 @@ def _count(num_items_in_batch, reduction: str, device: torch.device):
         if num_items_in_batch.device != device and num_items_in_batch.device.type != "cpu":
             check_device("num_items_in_batch", num_items_in_batch, device)
         return num_items_in_batch.detach().reshape(()).to(device, non_blocking=True)
-    return _check_number("num_items_in_batch", num_items_in_batch, positive=True)
+    count = _check_number("num_items_in_batch", num_items_in_batch, nonnegative=True)
+    return count if count > 0 else 1.0  # a count of 0: nothing anywhere, the loss is 0
 
 
 class Rows(NamedTuple):
@@ -328,13 +343,15 @@ def row_coefficients(rows: Rows, reduction: str, ignore_index: int, dtype) -> Te
     return coef
 
 
-def _denominator(rows: Rows, valid: Tensor, dtype) -> Tensor:
+def _denominator(rows: Rows, valid: Tensor, dtype):
+    """The count "mean" divides by: a device tensor, or the caller's number (a Python float:
+    dividing by it copies nothing to the device, so nothing waits on the host)."""
     if rows.count is None:
         return valid.sum().clamp(min=1).to(dtype)
     if isinstance(rows.count, Tensor):  # a global count of 0 (nothing anywhere) gives 0, not NaN
         count = rows.count.to(dtype)
         return torch.where(count == 0, torch.ones_like(count), count)
-    return torch.tensor(rows.count, dtype=dtype, device=valid.device)
+    return rows.count
 
 
 def reduce_loss(table: Tensor, rows: Rows, reduction: str, ignore_index: int) -> Tensor:
@@ -408,11 +425,7 @@ class _StoredGradient(torch.autograd.Function):
         if grad is None:
             return (None,) * 8
         g = grad_loss if ctx.lead is None else grad_loss.reshape(ctx.lead + (1,))
-        scale = getattr(_dispatch.module(ctx.backend), "scale_grad_", None)
-        if scale is not None:  # a kernel that returns at once where the factor is 1
-            scale(grad, g)
-        else:
-            grad.mul_(g.to(torch.float32))
+        _ops.scale_grad_(grad, g.to(torch.float32), ctx.backend)
         return (grad,) + (None,) * 7
 
 
@@ -420,7 +433,9 @@ def _family_loss(family: str, student: Tensor, teacher: tuple, rows: Rows,
                  options: LossOptions, backend: str):
     """The reduced loss and the table of one family on one device."""
     o = options.rows
-    if not _dispatch.stores_grad(backend):
+    # float16 gradients written at the reduction's scale would underflow before a loss
+    # scaler multiplies them (and overflow after): float16 recomputes with the incoming one
+    if not _dispatch.stores_grad(backend) or student.dtype == torch.float16:
         table = _ops.rows(family, student, teacher, rows.tokens, rows.sign, o, backend)
         return reduce_loss(table, rows, options.reduction, o.ignore_index), table
     coef = row_coefficients(rows, options.reduction, o.ignore_index, torch.float32)
@@ -429,11 +444,13 @@ def _family_loss(family: str, student: Tensor, teacher: tuple, rows: Rows,
 
 
 def run_family(family: str, student: Tensor, teacher: tuple, rows: Rows, options: LossOptions,
-               dtype: torch.dtype):
-    """Dispatch one family's loss (single device or vocabulary parallel) and reduce it."""
+               dtype: torch.dtype, dtype_of: str = "student_logits"):
+    """Dispatch one family's loss (single device or vocabulary parallel) and reduce it;
+    ``dtype`` is the inputs' promoted dtype, ``dtype_of`` the argument that brings it."""
     parallel = options.process_group is not None
     backend = _dispatch.resolve(options.backend, student.device, dtype, family=family,
-                                parallel=parallel, divergence=options.rows.divergence)
+                                parallel=parallel, divergence=options.rows.divergence,
+                                dtype_of=dtype_of)
     if parallel:
         from . import parallel as _parallel
 
@@ -473,7 +490,9 @@ def _gated(student_logits, teacher_logits, tokens, verifier, weights, num_items_
     rows = check_rows(student_logits, tokens, verifier, weights, num_items_in_batch, options)
     _check_teacher_logits(teacher_logits, student_logits)
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-    return run_family("logits", student_logits, (teacher_logits.detach(),), rows, options, dtype)
+    dtype_of = "student_logits" if student_logits.dtype == dtype else "teacher_logits"
+    return run_family("logits", student_logits, (teacher_logits.detach(),), rows, options, dtype,
+                      dtype_of)
 
 
 def gated_opd_loss(

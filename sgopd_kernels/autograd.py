@@ -135,6 +135,18 @@ def _define_family(f: Family) -> None:
 
     torch.library.register_autograd(f"sgopd_kernels::{f.prefix}_rows", autograd_backward,
                                     setup_context=setup, lib=_LIB)
+    for name in (f"{f.prefix}_rows_backward", f"{f.prefix}_rows_grad"):
+        torch.library.register_autograd(f"sgopd_kernels::{name}", _no_double_backward,
+                                        setup_context=_no_setup, lib=_LIB)
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("sgopd_kernels: the losses' gradients are not differentiable (no double "
+                       "backward, e.g. a Hessian-vector product through create_graph=True)")
 
 
 for _family in FAMILIES.values():
@@ -164,3 +176,30 @@ def rows_grad(family: str, student: Tensor, teacher: tuple, tokens: Tensor,
     """(table, gradient with row r scaled by coef[r]); not differentiable."""
     return _op(f"{FAMILIES[family].prefix}_rows_grad")(student, *teacher, tokens, sign, coef,
                                                        *opts.op_args(), backend)
+
+
+# ---------------------------------------------------------------------------
+# the stored gradient's scaling by the incoming gradient, in place (an op, so that a
+# compiled graph holds it like any other)
+
+_LIB.define("scale_grad_(Tensor(a!) grad, Tensor factor, str backend) -> ()")
+
+
+def _scale_grad_impl(grad, factor, backend):
+    """grad *= factor (a 0-d tensor, or one per row shaped to broadcast); the backend's
+    kernel where it has one (it returns at once where the factor is 1), else ``mul_``."""
+    kernel = getattr(_dispatch.module(backend), "scale_grad_", None)
+    if kernel is not None:
+        kernel(grad, factor)
+    else:
+        grad.mul_(factor)
+
+
+torch.library.impl("sgopd_kernels::scale_grad_", "CompositeExplicitAutograd", _scale_grad_impl,
+                   lib=_LIB)
+torch.library.register_fake("sgopd_kernels::scale_grad_", lambda grad, factor, backend: None,
+                            lib=_LIB)
+
+
+def scale_grad_(grad: Tensor, factor: Tensor, backend: str) -> None:
+    _op("scale_grad_")(grad, factor, backend)

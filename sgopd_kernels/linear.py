@@ -18,13 +18,14 @@ on the host. That makes forward + backward four matrix products per chunk,
 the minimum. With ``reduction="none"`` the incoming gradient differs per
 position and the weight gradient cannot be scaled afterwards: backward
 recomputes the logits chunk by chunk (six products per chunk). float16 inputs
-recompute too: their gradients formed at unit scale would underflow, and a
+(products, hidden state, weight or bias) recompute too: their gradients formed at unit scale would underflow, and a
 loss scaler's factor (65536 at first) would overflow them afterwards.
 
 Dtypes, as trainers run it: the products run in the autocast dtype when
-``torch.autocast`` is on for the device, else in the promoted dtype of the
-hidden state, the weight and the bias (float32 master weights beside bfloat16
-activations compute in float32 then). The head's scale and softcap apply to
+``torch.autocast`` is on for the device (float64 inputs excepted, as autocast
+leaves them), else in the promoted dtype of the hidden state, the weight and the
+bias (float32 master weights beside bfloat16 activations compute in float32
+then). The head's scale and softcap apply to
 the product in that dtype, as the models do. Each gradient comes back in its
 input's dtype: the weight gradient is accumulated over the chunks in the
 weight's dtype (one rounding per chunk), the bias gradient in float32 (float64
@@ -98,12 +99,14 @@ def _chunk_rows(n: int, vocab: int, chunk_size: Optional[int]) -> int:
 
 
 def _product_dtype(device: torch.device, *tensors: Optional[Tensor]) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
+    """The autocast dtype where autocast would cast the product (it leaves float64 alone),
+    else the inputs' promoted dtype."""
     dtype = tensors[0].dtype
     for x in tensors[1:]:
         if x is not None:
             dtype = torch.promote_types(dtype, x.dtype)
+    if torch.is_autocast_enabled(device.type) and dtype != torch.float64:
+        return torch.get_autocast_dtype(device.type)
     return dtype
 
 
@@ -122,8 +125,10 @@ class _FusedLinear(torch.autograd.Function):
         # under no_grad / inference_mode no gradient is computed, whatever requires_grad says
         need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         # float16 gradients formed at unit scale would underflow (and overflow once a loss
-        # scaler multiplies them): float16 always recomputes with the incoming gradient
-        store = any(need) and options.reduction != "none" and head.dtype != torch.float16
+        # scaler multiplies them): a float16 product or gradient always recomputes with the
+        # incoming gradient
+        half = torch.float16 in (head.dtype, hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        store = any(need) and options.reduction != "none" and not half
         tdt = _ops._table_dtype(backend, hs, ws)  # float32, or float64 on the torch backend
         # d loss / d row loss per unit incoming gradient, as api.reduce_loss forms the loss
         coef = _api.row_coefficients(rows, options.reduction, o.ignore_index, tdt)
@@ -313,7 +318,8 @@ def fused_linear_loss(family: str, student_hidden: Tensor, student_weight: Tenso
     dtype = _product_dtype(device, student_hidden, student_weight, student_bias)
     backend = _dispatch.resolve(options.backend, device,
                                 torch.promote_types(dtype, vocab_dtype), family=family,
-                                divergence=options.rows.divergence)
+                                divergence=options.rows.divergence,
+                                dtype_of="the hidden states and heads (their products)")
     head = Head.of(student_weight, student_bias, scale, softcap, dtype)
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     chunk = _chunk_rows(hs.shape[0], vocab, chunk_size)

@@ -9,13 +9,15 @@ inherits them by one entry here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 
 import sgopd_kernels as sk
 from sgopd_kernels import _dispatch
+from sgopd_kernels._options import Divergence
 from conftest import TRITON_DEVICE
 from helpers import oracle_opd, oracle_sampled
 
@@ -26,7 +28,7 @@ class Family:
     loss: Callable           # loss(student, *teacher, tokens, verifier, **keywords)
     oracle: Callable         # oracle(student, *teacher, tokens, verifier, **keywords) (float64)
     teacher: Callable        # teacher(student, generator) -> the teacher's tensors, a tuple
-    options: dict = field(default_factory=dict)  # keywords that exercise the family
+    variants: tuple = ({},)  # keyword sets that exercise the family (each divergence, ...)
 
     def __call__(self, student, teacher, tokens, verifier=None, **kw):
         return self.loss(student, *teacher, tokens, verifier, **kw)
@@ -43,10 +45,12 @@ def _teacher_logprobs(s, gen):
 
 
 FAMILIES = [
-    Family("logits", sk.gated_opd_loss, oracle_opd, _teacher_logits,
-           dict(beta=0.2, divergence="forward_kl")),
+    Family("logits", sk.gated_opd_loss, oracle_opd, _teacher_logits, (
+        dict(beta=0.2),
+        dict(beta=0.2, divergence="forward_kl", teacher_temperature=0.8),
+        dict(beta=0.2, divergence="jsd", jsd_beta=0.3))),
     Family("sampled", sk.sampled_opd_loss, oracle_sampled, _teacher_logprobs,
-           dict(extrapolation=1.5)),
+           (dict(extrapolation=1.5),)),
 ]
 
 
@@ -62,5 +66,14 @@ BACKENDS = [(name, dev) for name, dev in (("torch", "cpu"), ("triton", TRITON_DE
 KERNELS = [(name, dev) for name, dev in BACKENDS if name != "torch"]
 
 
-def ids(params):
-    return [f"{f.name}-{b}" for f, (b, _) in params]
+def _implements(backend: str, family: Family, options: dict) -> bool:
+    div = Divergence.parse(options.get("divergence", "reverse_kl"))
+    return family.name != "logits" or div in _dispatch.BY_NAME[backend].divergences
+
+
+def cases(backends):
+    """pytest parameters (family, options, (backend, device)) of every family variant on
+    every backend of ``backends`` that implements it."""
+    return [pytest.param(f, opts, b, id=f"{f.name}-{opts.get('divergence', 'default')}-{b[0]}")
+            for f in FAMILIES for opts in f.variants for b in backends
+            if _implements(b[0], f, opts)]

@@ -58,7 +58,6 @@ BAD_CALLS = [
     (dict(jsd_beta=1.5), ValueError, "jsd_beta"),
     (dict(teacher_temperature=0.0), ValueError, "teacher_temperature"),
     (dict(teacher_temperature=float("inf")), ValueError, "teacher_temperature"),
-    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
     (dict(num_items_in_batch=-3.0), ValueError, "num_items_in_batch"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch"),
     (dict(num_items_in_batch=torch.tensor(True)), TypeError, "num_items_in_batch"),
@@ -256,8 +255,9 @@ def test_no_host_sync_on_cuda():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for fn, other in ((sk.gated_opd_loss, t), (sk.sampled_opd_loss, t[..., 0])):
-            loss, stats = fn(s, other, y, v, return_stats=True)
-            loss.backward()
+            for count in (None, 29, torch.tensor(29, device="cuda"), torch.tensor(29)):
+                loss, stats = fn(s, other, y, v, num_items_in_batch=count, return_stats=True)
+                loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -344,9 +344,10 @@ def test_num_items_in_batch_gives_the_global_mean():
     local = sum(sk.gated_opd_loss(s[a:a + 2], t[a:a + 2], y[a:a + 2], v[a:a + 2],
                                   weights=w[a:a + 2]) for a in (0, 2))
     assert abs(float(local) - float(whole.detach())) > 1e-3  # a local mean is not the global one
-    # a global count of 0 (nothing anywhere): 0, not NaN
+    # a global count of 0 (nothing anywhere): 0, not NaN, as a number or a tensor
     y0 = torch.full_like(y, -100)
-    assert float(sk.gated_opd_loss(s, t, y0, num_items_in_batch=torch.tensor(0))) == 0.0
+    for zero in (0, 0.0, torch.tensor(0)):
+        assert float(sk.gated_opd_loss(s, t, y0, num_items_in_batch=zero)) == 0.0
     # the module and the sampled estimator take it too
     mod = sk.GatedOPDLoss()
     assert torch.equal(mod(s, t, y, v, weights=w, num_items_in_batch=count), whole)
@@ -396,3 +397,64 @@ def test_stored_gradient_path_equals_recompute(monkeypatch):
                 loss.backward()
     for a, b in zip(ref[False], ref[True]):
         assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def _storing(monkeypatch, stores: bool):
+    from sgopd_kernels import _dispatch
+
+    monkeypatch.setitem(_dispatch.BY_NAME, "torch", _dispatch.dataclasses.replace(
+        _dispatch.BY_NAME["torch"], stores_grad=stores))
+
+
+def test_stored_gradient_compiles_fullgraph_and_float16_recomputes(monkeypatch):
+    _storing(monkeypatch, True)
+    s, t, y = _inputs(shape=(2, 5), vocab=13)
+
+    def f(x):
+        return sk.gated_opd_loss(x, t, y, beta=0.1, backend="torch") * 3.0
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x1, x2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    f(x1).backward()
+    compiled(x2).backward()
+    assert torch.equal(x1.grad, x2.grad)
+    # float16 under a loss scaler with a large global count: a gradient written at unit scale
+    # would flush to 0; float16 recomputes with the incoming gradient instead
+    gen = torch.Generator().manual_seed(0)
+    s16 = torch.randn(4096, 64, generator=gen).half()
+    t16 = torch.randn(4096, 64, generator=gen).half()
+    y16 = torch.randint(0, 64, (4096,), generator=gen)
+    grads = []
+    for stores in (True, False):
+        _storing(monkeypatch, stores)
+        x = s16.clone().requires_grad_()
+        loss = sk.gated_opd_loss(x, t16, y16, num_items_in_batch=2 ** 20, backend="torch")
+        (g,) = torch.autograd.grad(loss * 65536, x)
+        grads.append(g)
+    assert torch.equal(grads[0], grads[1]) and (grads[0] != 0).float().mean() > 0.99
+
+
+def test_dtype_errors_name_the_argument_that_brings_it():
+    if not TRITON_RUNS:
+        pytest.skip("triton does not run here")
+    s, t, y = _inputs()
+    with pytest.raises(TypeError, match="teacher_logits"):
+        sk.gated_opd_loss(s.to(TRITON_DEVICE), t.double().to(TRITON_DEVICE),
+                          y.to(TRITON_DEVICE), backend="triton")
+
+
+def test_warnings_point_at_the_callers_line():
+    s, t, y = _inputs(shape=(4, 3))
+    v = torch.tensor([0.2, 0.9, 0.4, 0.7])
+    for call in (lambda: sk.gated_opd_loss(s, t, y, v), lambda: sk.GatedOPDLoss()(s, t, y, v)):
+        with pytest.warns(UserWarning, match="verifier") as record:
+            call()
+        assert record[0].filename == __file__
+
+
+def test_no_double_backward():
+    s, t, y = _inputs(dtype=torch.float64)
+    x = s.clone().requires_grad_()
+    (g,) = torch.autograd.grad(sk.gated_opd_loss(x, t, y), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((g * torch.randn_like(g)).sum(), x)

@@ -21,7 +21,7 @@ from sgopd_kernels.api import row_options
 from sgopd_kernels.triton import logits as tlogits
 from sgopd_kernels.triton import sampled as tsampled
 from conftest import TRITON_DEVICE, needs_triton
-from families import FAMILIES, KERNELS, ids
+from families import KERNELS, cases
 
 pytestmark = needs_triton
 
@@ -81,26 +81,17 @@ def _inputs(dtype=torch.bfloat16):
     return s, t, y, v
 
 
-PUBLIC = [(f, b) for f in FAMILIES for b in KERNELS]
-
-
-@pytest.mark.parametrize("fam,backend", PUBLIC, ids=ids(PUBLIC))
-@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
-def test_public_path_allocates_one_gradient_and_reads_nothing(fam, backend, divergence):
-    """Every family on every kernel backend: forward and backward through the public call
-    allocate one logits-sized tensor (the gradient, in the logits' dtype) and read no value
-    on the host."""
+@pytest.mark.parametrize("fam,opts,backend", cases(KERNELS))
+def test_public_path_allocates_one_gradient_and_reads_nothing(fam, opts, backend):
+    """Every family variant on every kernel backend: forward and backward through the public
+    call allocate one logits-sized tensor (the gradient, in the logits' dtype) and read no
+    value on the host."""
     name, dev = backend
-    if fam.name != "logits" and divergence != "reverse_kl":
-        pytest.skip("the divergence is an option of the logits family only")
     s, t, y, v = (x.to(dev) for x in _inputs())
-    teacher = fam.teacher(s, torch.Generator().manual_seed(2))
-    if fam.name == "logits":
-        teacher = (t,)  # the padded teacher of _inputs, in bfloat16
-    kw = dict(fam.options, divergence=divergence) if fam.name == "logits" else fam.options
+    teacher = (t,) if fam.name == "logits" else fam.teacher(s, torch.Generator().manual_seed(2))
     x = s.clone().requires_grad_(True)
     with Record() as public:
-        loss, stats = fam(x, teacher, y, v, return_stats=True, backend=name, **kw)
+        loss, stats = fam(x, teacher, y, v, return_stats=True, backend=name, **opts)
         loss.backward()
     assert public.host_reads == []
     big = _full_size(public, s.numel())

@@ -356,3 +356,34 @@ def test_num_items_in_batch_and_jsd():
     want = torch.autograd.grad(ref, (hs, ws))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_float16_hidden_states_beside_float32_weights_recompute():
+    """float32 products, but a float16 hidden-state gradient: it must not be formed at the
+    reduction's scale (it would flush to 0 under a large global count) but recomputed with the
+    loss scaler's incoming gradient."""
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = 8192, 16, 64
+    hs = (0.3 * torch.randn(n, h, generator=gen)).half().requires_grad_()
+    ws = (0.3 * torch.randn(v, h, generator=gen)).requires_grad_()
+    ht, wt = 0.3 * torch.randn(n, h, generator=gen), 0.3 * torch.randn(v, h, generator=gen)
+    tok = torch.randint(0, v, (n,), generator=gen)
+    loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, num_items_in_batch=2 ** 20,
+                                          chunk_size=1000, backend="torch")
+    (g,) = torch.autograd.grad(loss * 65536, hs)
+    h32 = hs.detach().float().requires_grad_()
+    ref = sk.gated_opd_loss(h32 @ ws.T, ht @ wt.T, tok, num_items_in_batch=2 ** 20,
+                            backend="torch")
+    (want,) = torch.autograd.grad(ref * 65536, h32)
+    rel = (g.double() - want.double()).norm() / want.double().norm()
+    assert g.dtype == torch.float16 and rel < 2e-3, rel
+
+
+def test_float64_heads_ignore_autocast():
+    """autocast leaves float64 alone: so does the fused loss."""
+    hs, ws, bs, ht, wt, bt, tok = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sk.fused_linear_gated_opd_loss(hs, ws, ht, wt, tok, student_bias=bs,
+                                              teacher_bias=bt, backend="torch")
+        ref = _materialized(hs, ws, bs, ht, wt, bt, tok, None, backend="torch")
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
