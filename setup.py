@@ -33,7 +33,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/kernels.cpp"]
 CUDA_SOURCE = "csrc/cuda/kernels.cu"
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math",
              "-fvisibility=hidden", "-pthread"]
 
 

@@ -22,8 +22,8 @@
 // teacher_temperature); natural units in the shared columns of the table.
 // Exponents are (raw - ref) * scale, a subtraction then a product (never
 // contracted into an FMA), so the row's max contributes exactly 2^0. The
-// bridge value is formed with pinned roundings (mul_rn/add_rn), so every phase
-// and the recompute backward see the same bits.
+// bridge value is formed by one function (with pinned roundings on the device),
+// so every phase and the recompute backward see the same bits.
 //
 // Conventions of docs/math.md: 0 log 0 = 0; -inf logits are masked entries;
 // entries outside the joint support have q = 0; an empty joint support gives a
@@ -125,12 +125,15 @@ OPD_HD float float_of(uint32_t u) {
 #endif
 }
 
-// products and sums whose rounding is pinned (no FMA contraction on either device)
+// products and sums whose rounding is pinned on the device (never contracted into an FMA).
+// The host code is compiled with FMA contraction (the polynomial exp2 needs it to be
+// fast); there the forward and the recompute backward run the very same compiled loops,
+// which is what keeps their bits equal.
 OPD_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
 #else
-  return a * b;  // the host code is compiled with -ffp-contract=off
+  return a * b;
 #endif
 }
 OPD_HD float add_rn(float a, float b) {
@@ -171,6 +174,36 @@ OPD_HD float ex2(float x) {
   return exp2f(x);
 #else
   return exp2_poly(x);
+#endif
+}
+
+// log2 of a positive normal float on the host: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// ln m = 2 atanh(u), u = (m - 1) / (m + 1), |u| < 0.172 (a degree-4 series in u^2 is
+// exact to float precision). Branch-free: gcc vectorizes it. (Used where the argument
+// is known to lie in [min(pi, 1 - pi), 1]; zero, negative, subnormal, inf and NaN are
+// not handled.)
+OPD_HD float log2_poly(float x) {
+  uint32_t u = bits_of(x);
+  // shift by sqrt(1/2)'s bits so that the mantissa lands in [sqrt(1/2), sqrt(2))
+  uint32_t k = u - 0x3f3504f3u;
+  int32_t e = (int32_t)k >> 23;
+  float m = float_of((k & 0x007fffffu) + 0x3f3504f3u);
+  float t = (m - 1.0f) / (m + 1.0f);
+  float t2 = t * t;
+  float poly = 1.0f / 9.0f;
+  poly = poly * t2 + 1.0f / 7.0f;
+  poly = poly * t2 + 1.0f / 5.0f;
+  poly = poly * t2 + 1.0f / 3.0f;
+  poly = poly * t2 + 1.0f;
+  return (float)e + (2.0f * LOG2E) * (t * poly);
+}
+
+// log2 of a value in (0, 1] bounded away from 0 (the JSD's per-element logarithm)
+OPD_HD float lg2_unit(float x) {
+#if defined(__CUDA_ARCH__)
+  return log2f(x);
+#else
+  return log2_poly(x);
 #endif
 }
 
@@ -448,7 +481,7 @@ OPD_HD JsdTerm jsd_term(float s, float t, const RowState& r, float pi) {
   float e = ex2(-fabs_(d));  // 2^-|d|, in [0, 1]
   bool up = d > 0.0f;
   // d <= 0: phi = log2((1-pi) + pi 2^d);  d > 0: phi = d + log2(pi + (1-pi) 2^-d)
-  float l = lg2(up ? pi + (1.0f - pi) * e : (1.0f - pi) + pi * e);
+  float l = lg2_unit(up ? pi + (1.0f - pi) * e : (1.0f - pi) + pi * e);
   j.phi = up ? d + l : l;
   j.dmphi = up ? -l : d - l;
   return j;

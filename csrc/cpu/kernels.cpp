@@ -13,8 +13,11 @@
 // reordering any float sum; the polynomial exp2 of opd_math.h is branch-free.
 // The row functions are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 +
 // FMA) and the baseline, and the best one is chosen when the module loads
-// (gcc's target_clones). The code is compiled with -ffp-contract=off: every
-// clone rounds alike.
+// (gcc's target_clones). The code is compiled with -ffp-contract=fast, so the
+// AVX2 and AVX-512 clones use FMA (the baseline one cannot); the gradient
+// written in forward and the recompute backward call the same clone of the same
+// loop (for reverse KL the backward also forms the bridge sum that the forward's
+// loop forms for its loss), so their results are equal bit for bit.
 
 #include "kernels.h"
 
@@ -22,6 +25,9 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace opd {
 namespace cpu {
@@ -245,7 +251,9 @@ OPD_INLINE void store(void* out, int64_t i, float g) {
 // The gradient row (and, with WANT_Q, the bridge sums of reverse KL in the same loop).
 template <int DT, int DIV, bool WANT_Q>
 OPD_INLINE QPart grad_loop(const float* __restrict s, const float* __restrict t, int64_t V,
-                       const RowState& r, float scale, float pi, void* __restrict out) {
+                           RowState r, float scale, float pi, void* __restrict out) {
+  // (r by value: a reference could alias `out` for the compiler, which then reloads it and
+  // does not vectorize)
   float zq[LANES] = {};
   int64_t i = 0;
   for (; i + LANES <= V; i += LANES) {
@@ -355,7 +363,7 @@ OPD_CLONES SampledPart phase_sums_s(const float* __restrict s, int64_t V, float 
 
 template <int DT>
 OPD_INLINE void sampled_grad_dt(const float* __restrict s, int64_t V, int64_t y,
-                            const SampledState& st, float scale, const Params& p, void* out) {
+                            SampledState st, float scale, const Params& p, void* out) {
   for (int64_t i = 0; i < V; ++i) store<DT>(out, i, sampled_grad_elem(s[i], i == y, st, scale, p));
 }
 
@@ -392,6 +400,26 @@ void parallel_rows(int64_t n, int64_t V, int nthreads, F&& body) {
 
 inline bool token_ok(int64_t y, int64_t V) { return y >= 0 && y < V; }
 
+// A fresh gradient buffer is written once, page by page: with 4 KiB pages the page
+// faults of its first touch cost more than the kernel (about 2 us per page). Ask for
+// transparent huge pages on its 2 MiB-aligned interior (advice only; harmless where
+// the kernel ignores it, and a no-op off Linux).
+void advise_huge(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = (uintptr_t)1 << 21;
+  uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+  uintptr_t b = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
+  if (b > a) madvise((void*)a, b - a, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+inline void advise_grad(void* grad, int dtype, int64_t n, int64_t V) {
+  if (grad) advise_huge(grad, n * V * (dtype == F32 ? 4 : 2));
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -400,6 +428,7 @@ inline bool token_ok(int64_t y, int64_t V) { return y >= 0 && y < V; }
 void opd_forward(const Rows& s, const Rows& t, int64_t n, int64_t V, const int64_t* tok,
                  const float* sign, const float* coef, float* table, void* grad,
                  int grad_dtype, const Params& p, int nthreads) {
+  advise_grad(grad, grad_dtype, n, V);
   parallel_rows(n, V, nthreads, [&](int64_t r0, int64_t r1) {
     std::vector<float> sbuf((size_t)V), tbuf((size_t)V);
     for (int64_t r = r0; r < r1; ++r) {
@@ -462,6 +491,7 @@ void opd_forward(const Rows& s, const Rows& t, int64_t n, int64_t V, const int64
 void opd_backward(const Rows& s, const Rows& t, int64_t n, int64_t V, const int64_t* tok,
                   const float* table, const float* grad_rows, void* grad, int grad_dtype,
                   const Params& p, int nthreads) {
+  advise_grad(grad, grad_dtype, n, V);
   parallel_rows(n, V, nthreads, [&](int64_t r0, int64_t r1) {
     std::vector<float> sbuf((size_t)V), tbuf((size_t)V);
     for (int64_t r = r0; r < r1; ++r) {
@@ -473,7 +503,10 @@ void opd_backward(const Rows& s, const Rows& t, int64_t n, int64_t V, const int6
       const float* sr = load_row(s, r, V, sbuf.data());
       const float* tr = load_row(t, r, V, tbuf.data());
       RowState st = read_row(table + r * ROW_K, p);
-      grad_row(sr, tr, V, st, grad_scale(st, grad_rows[r], p), p, go, grad_dtype, false);
+      // reverse KL: the very loop of the forward (which also sums the bridge for its loss),
+      // so that with FMA contraction the recomputed gradient has the forward's bits
+      grad_row(sr, tr, V, st, grad_scale(st, grad_rows[r], p), p, go, grad_dtype,
+               p.divergence == REVERSE_KL);
     }
   });
 }
@@ -481,6 +514,7 @@ void opd_backward(const Rows& s, const Rows& t, int64_t n, int64_t V, const int6
 void sampled_forward(const Rows& s, int64_t n, int64_t V, const int64_t* tok,
                      const float* teacher_lp, const float* sign, const float* coef,
                      float* table, void* grad, int grad_dtype, const Params& p, int nthreads) {
+  advise_grad(grad, grad_dtype, n, V);
   parallel_rows(n, V, nthreads, [&](int64_t r0, int64_t r1) {
     std::vector<float> sbuf((size_t)V);
     for (int64_t r = r0; r < r1; ++r) {
@@ -509,6 +543,7 @@ void sampled_forward(const Rows& s, int64_t n, int64_t V, const int64_t* tok,
 void sampled_backward(const Rows& s, int64_t n, int64_t V, const int64_t* tok,
                       const float* table, const float* grad_rows, void* grad, int grad_dtype,
                       const Params& p, int nthreads) {
+  advise_grad(grad, grad_dtype, n, V);
   parallel_rows(n, V, nthreads, [&](int64_t r0, int64_t r1) {
     std::vector<float> sbuf((size_t)V);
     for (int64_t r = r0; r < r1; ++r) {
