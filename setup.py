@@ -87,12 +87,14 @@ def cuda_home(nvcc: str) -> str:
 def gencode_flags() -> list:
     archs = [a.strip() for a in os.environ.get("SGOPD_CUDA_ARCHS", "90a;80").split(";")
              if a.strip()]
-    flags = []
+    flags, targets = [], []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        targets.append(f"sm_{a}")
     if archs:  # PTX of the last (oldest) arch: other and newer GPUs JIT it
         flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-    return flags
+        targets.append(f"compute_{archs[-1]}")
+    return flags + [f"-DSGOPD_CUDA_ARCHS={'__'.join(targets)}"]
 
 
 class BuildExt(build_ext):

@@ -145,6 +145,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("V"), py::arg("g"),
       py::arg("per_row"), py::arg("nthreads"));
 
+  m.def(
+      "row_plan",
+      [](int64_t V, int elt_s, int elt_t, int64_t smem_limit, int64_t smem_target,
+         int max_cluster) {
+        opd::Plan pl = opd::plan_rows(V, elt_s, elt_t, smem_limit, smem_target, max_cluster);
+        return py::make_tuple(pl.cluster, pl.chunk, pl.smem_bytes, pl.resident);
+      },
+      "opd_math.h's plan_rows: (cluster size, columns per block, shared memory, resident)",
+      py::arg("V"), py::arg("elt_s"), py::arg("elt_t"), py::arg("smem_limit"),
+      py::arg("smem_target"), py::arg("max_cluster"));
+
   // ----------------------------------------------------------------- CUDA
 #if defined(SGOPD_WITH_CUDA)
   m.attr("has_cuda") = true;
@@ -154,86 +165,92 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_opd_forward",
       [](RowsT s, RowsT t, int64_t n, int64_t V, uintptr_t tok, uintptr_t sign, uintptr_t coef,
-         uintptr_t table, uintptr_t grad, int grad_dtype, ParamsT params, uintptr_t stream) {
+         uintptr_t table, uintptr_t grad, int grad_dtype, ParamsT params,
+         uintptr_t stream, int device) {
         opd::Rows rs = rows_of(s, "student"), rt = rows_of(t, "teacher");
         check_dtype(grad_dtype, "grad");
         opd::cuda::check(opd::cuda::opd_forward(
             rs, rt, n, V, ptr<const int64_t>(tok), ptr<const float>(sign),
             ptr<const float>(coef), ptr<float>(table), ptr<void>(grad), grad_dtype,
-            params_of(params), stream));
+            params_of(params), stream, device));
       },
       py::arg("student"), py::arg("teacher"), py::arg("n"), py::arg("V"), py::arg("tokens"),
       py::arg("sign"), py::arg("coef"), py::arg("table"), py::arg("grad"),
-      py::arg("grad_dtype"), py::arg("params"), py::arg("stream"));
+      py::arg("grad_dtype"), py::arg("params"), py::arg("stream"), py::arg("device"));
   m.def(
       "cuda_opd_backward",
       [](RowsT s, RowsT t, int64_t n, int64_t V, uintptr_t tok, uintptr_t table,
          uintptr_t grad_rows, uintptr_t grad, int grad_dtype, ParamsT params,
-         uintptr_t stream) {
+         uintptr_t stream, int device) {
         opd::Rows rs = rows_of(s, "student"), rt = rows_of(t, "teacher");
         check_dtype(grad_dtype, "grad");
         opd::cuda::check(opd::cuda::opd_backward(
             rs, rt, n, V, ptr<const int64_t>(tok), ptr<const float>(table),
             ptr<const float>(grad_rows), ptr<void>(grad), grad_dtype, params_of(params),
-            stream));
+            stream, device));
       },
       py::arg("student"), py::arg("teacher"), py::arg("n"), py::arg("V"), py::arg("tokens"),
       py::arg("table"), py::arg("grad_rows"), py::arg("grad"), py::arg("grad_dtype"),
-      py::arg("params"), py::arg("stream"));
+      py::arg("params"), py::arg("stream"), py::arg("device"));
   m.def(
       "cuda_sampled_forward",
       [](RowsT s, int64_t n, int64_t V, uintptr_t tok, uintptr_t tlp, uintptr_t sign,
          uintptr_t coef, uintptr_t table, uintptr_t grad, int grad_dtype, ParamsT params,
-         uintptr_t stream) {
+         uintptr_t stream, int device) {
         opd::Rows rs = rows_of(s, "student");
         check_dtype(grad_dtype, "grad");
         opd::cuda::check(opd::cuda::sampled_forward(
             rs, n, V, ptr<const int64_t>(tok), ptr<const float>(tlp), ptr<const float>(sign),
             ptr<const float>(coef), ptr<float>(table), ptr<void>(grad), grad_dtype,
-            params_of(params), stream));
+            params_of(params), stream, device));
       },
       py::arg("student"), py::arg("n"), py::arg("V"), py::arg("tokens"),
       py::arg("teacher_logprobs"), py::arg("sign"), py::arg("coef"), py::arg("table"),
-      py::arg("grad"), py::arg("grad_dtype"), py::arg("params"), py::arg("stream"));
+      py::arg("grad"), py::arg("grad_dtype"), py::arg("params"), py::arg("stream"),
+      py::arg("device"));
   m.def(
       "cuda_sampled_backward",
       [](RowsT s, int64_t n, int64_t V, uintptr_t tok, uintptr_t table, uintptr_t grad_rows,
-         uintptr_t grad, int grad_dtype, ParamsT params, uintptr_t stream) {
+         uintptr_t grad, int grad_dtype, ParamsT params, uintptr_t stream, int device) {
         opd::Rows rs = rows_of(s, "student");
         check_dtype(grad_dtype, "grad");
         opd::cuda::check(opd::cuda::sampled_backward(
             rs, n, V, ptr<const int64_t>(tok), ptr<const float>(table),
             ptr<const float>(grad_rows), ptr<void>(grad), grad_dtype, params_of(params),
-            stream));
+            stream, device));
       },
       py::arg("student"), py::arg("n"), py::arg("V"), py::arg("tokens"), py::arg("table"),
       py::arg("grad_rows"), py::arg("grad"), py::arg("grad_dtype"), py::arg("params"),
-      py::arg("stream"));
+      py::arg("stream"), py::arg("device"));
   m.def(
       "cuda_scale_grad",
       [](uintptr_t grad, int dtype, int64_t n, int64_t V, uintptr_t g, bool per_row,
-         uintptr_t stream) {
+         uintptr_t stream, int device) {
         check_dtype(dtype, "grad");
         opd::cuda::check(opd::cuda::scale_grad(ptr<void>(grad), dtype, n, V,
-                                               ptr<const float>(g), per_row, stream));
+                                               ptr<const float>(g), per_row, stream, device));
       },
       py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("V"), py::arg("g"),
-      py::arg("per_row"), py::arg("stream"));
+      py::arg("per_row"), py::arg("stream"), py::arg("device"));
   m.def(
       "cuda_plan",
-      [](int64_t V, int s_dtype, int t_dtype, int max_smem, int max_cluster) {
-        opd::cuda::Plan pl = opd::cuda::plan_rows(V, s_dtype, t_dtype, max_smem, max_cluster);
-        return py::make_tuple(pl.cluster, pl.smem_bytes, pl.resident);
+      [](int64_t V, int s_dtype, int t_dtype, int device) {
+        opd::Plan pl = opd::cuda::plan_for(V, s_dtype, t_dtype, device);
+        return py::make_tuple(pl.cluster, pl.chunk, pl.smem_bytes, pl.resident);
       },
-      "how a row of V columns is laid out: (cluster size, shared memory per block, resident)",
-      py::arg("V"), py::arg("s_dtype"), py::arg("t_dtype"), py::arg("max_smem"),
-      py::arg("max_cluster"));
+      "how rows of V columns are laid out on `device` (t_dtype -1: the sampled estimator): "
+      "(cluster size, columns per block, shared memory per block, resident)",
+      py::arg("V"), py::arg("s_dtype"), py::arg("t_dtype"), py::arg("device"));
+  m.def(
+      "cuda_synchronize", [](int device) { opd::cuda::check(opd::cuda::synchronize(device)); },
+      py::arg("device"));
 #else
   m.attr("has_cuda") = false;
   m.attr("cuda_archs") = "";
   m.def("cuda_device_count", []() { return 0; });
   for (const char* name : {"cuda_opd_forward", "cuda_opd_backward", "cuda_sampled_forward",
-                           "cuda_sampled_backward", "cuda_scale_grad", "cuda_plan"})
+                           "cuda_sampled_backward", "cuda_scale_grad", "cuda_plan",
+                           "cuda_synchronize"})
     m.def(name, [](py::args, py::kwargs) { no_cuda(); });
 #endif
 }

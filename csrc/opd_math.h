@@ -719,6 +719,165 @@ OPD_HD float sampled_grad_elem(float s, bool is_y, const SampledState& st, float
 }
 
 // ---------------------------------------------------------------------------
+// the combine operations of the parts, as types (the CUDA block and cluster
+// reductions and their host test are generic over them). Each is commutative, so
+// a butterfly (xor-shuffle) reduction gives every lane the same bits.
+
+struct MaxOp {
+  typedef MaxPart P;
+  static OPD_HD P id() { return max_identity(); }
+  static OPD_HD P one(float s, float t, int64_t v) {
+    P m;
+    m.ms = s;
+    m.arg = v;
+    m.t_arg = t;
+    m.mt = t;
+    return m;
+  }
+  static OPD_HD P comb(const P& a, const P& b) { return max_combine(a, b); }
+};
+
+struct FMaxOp {
+  typedef float P;
+  static OPD_HD P id() { return -f_inf(); }
+  static OPD_HD P comb(const P& a, const P& b) { return fmax_(a, b); }
+};
+
+struct SumOp {
+  typedef SumPart P;
+  static OPD_HD P id() { return sum_identity(); }
+  static OPD_HD P comb(P a, const P& b) {
+    sum_add(a, b);
+    return a;
+  }
+};
+
+struct QOp {
+  typedef QPart P;
+  static OPD_HD P id() { return q_identity(); }
+  static OPD_HD P comb(P a, const P& b) {
+    q_add(a, b);
+    return a;
+  }
+};
+
+struct JOp {
+  typedef JPart P;
+  static OPD_HD P id() { return j_identity(); }
+  static OPD_HD P comb(P a, const P& b) {
+    j_add(a, b);
+    return a;
+  }
+};
+
+struct SampledOp {
+  typedef SampledPart P;
+  static OPD_HD P id() { return sampled_identity(); }
+  static OPD_HD P comb(P a, const P& b) {
+    sampled_add(a, b);
+    return a;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// the phase sequence of one row, generic over how the row's columns are folded
+//
+// R (the "reducer") owns the row's columns on this worker and provides
+//   template <class Op, class F> typename Op::P reduce(int phase, F term)
+//       term(s, t, v) -> Op::P for each column v, folded and combined over the row
+//       (on the GPU: the block's threads, then the cluster's blocks; every worker gets
+//       the same result); `phase` numbers the exchange slot (0..5);
+//   template <class Op, class G, class Q> typename Op::P grad_reduce(int phase, bool with_q,
+//       G g, Q q)   writes g(s, t, v) as the gradient of each of its columns and, with
+//       with_q, reduces q(s, t, v) like reduce (one loop over the row);
+//   template <class G> void write_grad(G g)   the gradient without a reduction;
+//   void fill_grad(float x)   every gradient column of this worker := x;
+//   float s_at(int64_t v), t_at(int64_t v)   one raw logit of the row (any column).
+// The CUDA kernel instantiates it with its block/cluster reducer, the host test of the
+// cluster split with an emulation of it.
+
+// The logits loss of one unmasked row; the gradient (times coef) when want_grad.
+template <class R>
+OPD_HD RowState opd_row_program(R& rd, int64_t V, int64_t y, float sigma, float coef,
+                                bool want_grad, const Params& p) {
+  // 1. maxima -> the frame
+  MaxPart mp = rd.template reduce<MaxOp>(0, [](float s, float t, int64_t v) {
+    return MaxOp::one(s, t, v);
+  });
+  const Frame f = make_frame(mp, p);
+  // 2. normalizers and linear sums -> delta, the gate, a, b
+  SumPart sp = rd.template reduce<SumOp>(1, [&](float s, float t, int64_t) {
+    return sum_terms(s, t, f);
+  });
+  const bool y_ok = y >= 0 && y < V;
+  const int64_t ys = y_ok ? y : 0;  // never read out of bounds (the row is NaN then)
+  RowState st = decide(sp, f, rd.s_at(ys), rd.t_at(ys), y_ok, sigma, p);
+  // 3. the bridge's max
+  float mx = rd.template reduce<FMaxOp>(2, [&](float s, float t, int64_t) {
+    return bridge_x(s, t, st);
+  });
+  set_bridge_max(st, mx);
+  QPart qp = q_identity();
+  JPart jp = j_identity();
+  const bool reverse = p.divergence == REVERSE_KL;
+  // 4. the bridge's sums (reverse KL with a gradient: in the gradient's loop)
+  if (!reverse || !want_grad) {
+    qp = rd.template reduce<QOp>(3, [&](float s, float t, int64_t) {
+      return q_terms(s, t, st);
+    });
+    set_bridge_sum(st, qp);
+  }
+  // 5. JSD
+  if (p.divergence == JSD) {
+    jp = rd.template reduce<JOp>(4, [&](float s, float t, int64_t) {
+      return j_terms(s, t, st, p.jsd_pi);
+    });
+    set_jsd(st, jp, p.jsd_pi);
+  }
+  // 6. the gradient
+  if (want_grad) {
+    RowState gs = st;
+    gs.loss = st.poisoned ? f_nan() : 0.0f;  // the NaN rules known before the loss
+    const float scale = grad_scale(gs, coef, p);
+    QPart q2 = rd.template grad_reduce<QOp>(
+        5, reverse,
+        [&](float s, float t, int64_t) { return grad_elem(s, t, st, scale, p); },
+        [&](float s, float t, int64_t) { return q_terms(s, t, st); });
+    if (reverse) {
+      qp = q2;
+      set_bridge_sum(st, qp);
+    }
+    finalize(st, qp, jp, p);
+    if (is_nan(st.loss) && !is_nan(scale)) rd.fill_grad(f_nan());  // NaN data: a NaN row
+  } else {
+    finalize(st, qp, jp, p);
+  }
+  return st;
+}
+
+// The sampled estimator of one unmasked row (out: its SAMPLED_ROW_K table values).
+template <class R>
+OPD_HD SampledState sampled_row_program(R& rd, int64_t V, int64_t y, float tlp, float sigma,
+                                        float coef, bool want_grad, const Params& p,
+                                        float* out) {
+  float ms = rd.template reduce<FMaxOp>(0, [](float s, float, int64_t) { return s; });
+  const float ref = ms == -f_inf() ? 0.0f : ms;
+  SampledPart sp = rd.template reduce<SampledOp>(1, [&](float s, float, int64_t) {
+    return sampled_terms(s, ref, p.cs);
+  });
+  const bool y_ok = y >= 0 && y < V;
+  const SampledState st = sampled_finish(out, ms, sp, rd.s_at(y_ok ? y : 0), y_ok, tlp, sigma,
+                                         p);
+  if (want_grad) {
+    const float scale = sampled_grad_scale(st, coef, p);
+    rd.write_grad([&](float s, float, int64_t v) {
+      return sampled_grad_elem(s, v == y, st, scale, p);
+    });
+  }
+  return st;
+}
+
+// ---------------------------------------------------------------------------
 // how a row is split over the blocks of a cluster (the CUDA kernel and its host test)
 
 // The columns [lo, hi) of piece `rank` of `pieces`, in multiples of `align` columns.
@@ -730,6 +889,54 @@ OPD_HD void piece_range(int64_t V, int pieces, int rank, int64_t align, int64_t*
   int64_t b = a + per;
   *lo = a < V ? a : V;
   *hi = b < V ? b : V;
+}
+
+// Columns per vector group: a thread folds groups of VEC consecutive columns, group
+// lo + VEC (tid + k threads), k = 0, 1, ... (16-byte loads of bf16/fp16, two of fp32).
+constexpr int VEC = 8;
+
+// How the rows of one launch are laid out on a GPU. A row is split over `cluster`
+// blocks of one thread-block cluster, `chunk` columns each (a multiple of VEC); with
+// `resident` each block holds its piece of both rows in shared memory (smem_bytes)
+// and reads global memory once; otherwise (a row too long for any cluster) every
+// phase reads its piece from global memory (L2) again.
+struct Plan {
+  int cluster;
+  int64_t chunk;
+  int64_t smem_bytes;
+  bool resident;
+};
+
+// elt_s, elt_t: bytes per column of the student and teacher rows (elt_t = 0: the
+// sampled estimator); smem_limit: the most dynamic shared memory a block may take;
+// smem_target: the size that still lets two blocks share a multiprocessor (so one
+// computes while the other loads); max_cluster: 1 without clusters (before sm_90).
+OPD_HD Plan plan_rows(int64_t V, int elt_s, int elt_t, int64_t smem_limit,
+                      int64_t smem_target, int max_cluster) {
+  Plan pl;
+  int64_t per_col = elt_s + elt_t;
+  for (int pass = 0; pass < 2; ++pass) {
+    int64_t budget = pass == 0 ? smem_target : smem_limit;
+    for (int c = 1; c <= max_cluster; ++c) {
+      // the pieces' aligned width (the last piece may be shorter): the teacher's piece
+      // starts chunk * elt_s bytes into shared memory, a multiple of 16
+      int64_t chunk = ((V + c - 1) / c + VEC - 1) / VEC * VEC;
+      int64_t bytes = chunk * per_col;
+      bytes = (bytes + 15) / 16 * 16;
+      if (bytes <= budget && chunk > 0) {
+        pl.cluster = c;
+        pl.chunk = chunk;
+        pl.smem_bytes = bytes;
+        pl.resident = true;
+        return pl;
+      }
+    }
+  }
+  pl.cluster = max_cluster;
+  pl.chunk = ((V + max_cluster - 1) / max_cluster + VEC - 1) / VEC * VEC;
+  pl.smem_bytes = 0;
+  pl.resident = false;
+  return pl;
 }
 
 }  // namespace opd

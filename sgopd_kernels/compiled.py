@@ -203,11 +203,21 @@ def _check_teacher(student: torch.Tensor, teacher: torch.Tensor) -> None:
                          f"{student.device}")
 
 
-def _where(device: torch.device):
-    """The last argument of a kernel call: CPU threads, or the current CUDA stream."""
+def _where(device: torch.device) -> tuple:
+    """The last arguments of a kernel call: CPU threads, or the current CUDA stream and the
+    device index."""
     if device.type == "cpu":
-        return torch.get_num_threads()
-    return torch.cuda.current_stream(device).cuda_stream
+        return (torch.get_num_threads(),)
+    return (torch.cuda.current_stream(device).cuda_stream, device.index
+            if device.index is not None else torch.cuda.current_device())
+
+
+def _teacher_for(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The CUDA kernels are built for a teacher of the student's dtype or float32; any other
+    teacher (bf16 beside fp32 or fp16, fp16 beside bf16) is upcast to float32, exactly."""
+    if student.device.type == "cuda" and teacher.dtype not in (student.dtype, torch.float32):
+        return teacher.float()
+    return teacher
 
 
 def _fn(device: torch.device, name: str):
@@ -241,12 +251,12 @@ def _opd_forward(student, teacher, tokens, sign, coef, opts, want_grad: bool):
     if n == 0:
         return table, grad
     s = _rows_arg(student.detach(), keep)
-    t = _rows_arg(teacher.detach(), keep)
+    t = _rows_arg(_teacher_for(student, teacher.detach()), keep)
     with _device_guard(dev):
         _fn(dev, "opd_forward")(s, t, n, vocab, tok, sig, cf, table.data_ptr(),
                                 0 if grad is None else grad.data_ptr(),
                                 _DTYPE_CODE[student.dtype], _params(opts, sign is not None),
-                                _where(dev))
+                                *_where(dev))
     return table, grad
 
 
@@ -278,12 +288,12 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts) -> torch.
     if n == 0:
         return grad
     s = _rows_arg(student.detach(), keep)
-    t = _rows_arg(teacher.detach(), keep)
+    t = _rows_arg(_teacher_for(student, teacher.detach()), keep)
     table = rows.detach().contiguous()
     keep.append(table)
     with _device_guard(dev):
         _fn(dev, "opd_backward")(s, t, n, vocab, tok, table.data_ptr(), gr, grad.data_ptr(),
-                                 _DTYPE_CODE[student.dtype], _params(opts, False), _where(dev))
+                                 _DTYPE_CODE[student.dtype], _params(opts, False), *_where(dev))
     return grad
 
 
@@ -323,7 +333,7 @@ def _sampled_forward(student, teacher_logprobs, tokens, sign, coef, opts, want_g
         _fn(dev, "sampled_forward")(s, n, vocab, tok, tlp, sig, cf, table.data_ptr(),
                                     0 if grad is None else grad.data_ptr(),
                                     _DTYPE_CODE[student.dtype], _params(opts, sign is not None),
-                                    _where(dev))
+                                    *_where(dev))
     return table, grad
 
 
@@ -356,7 +366,7 @@ def sampled_rows_backward(grad_rows, student, tokens, rows, opts) -> torch.Tenso
     with _device_guard(dev):
         _fn(dev, "sampled_backward")(s, n, vocab, tok, table.data_ptr(), gr, grad.data_ptr(),
                                      _DTYPE_CODE[student.dtype], _params(opts, False),
-                                     _where(dev))
+                                     *_where(dev))
     return grad
 
 
@@ -388,5 +398,5 @@ def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     gg = g.detach().reshape(-1).to(torch.float32).contiguous()
     with _device_guard(dev):
         _fn(dev, "scale_grad")(grad.data_ptr(), _DTYPE_CODE[grad.dtype], n, vocab,
-                               gg.data_ptr(), bool(per_row), _where(dev))
+                               gg.data_ptr(), bool(per_row), *_where(dev))
     return grad
