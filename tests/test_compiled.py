@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from sgopd_kernels import _ext, compiled, reference
 from compiled_harness import gated_loss, make_opts, sampled_loss
-from helpers import (_reduce, _stats, assert_close, assert_grad_close, assert_loss_close,
+from helpers import (_reduce, _stats, assert_grad_close, assert_loss_close,
                      logprob_scale, oracle_opd, oracle_sampled, sign_rows)
 
 needs_cpu_ext = pytest.mark.skipif(not compiled.available("cpu"),
@@ -595,3 +595,19 @@ def test_three_divergences_differ_and_jsd_endpoints():
     assert torch.allclose(j_lo / 1e-4, fkl, rtol=2e-3)
     assert torch.allclose(j_hi / 1e-4, rkl, rtol=2e-3)
     assert (fkl - rkl).abs().min() > 1e-2
+
+
+def test_bench_compiled_smoke():
+    """benchmarks/bench_compiled.py runs on the CPU and its providers agree with eager."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_compiled.py"),
+                           "--N", "8", "--V", "300", "--reps", "1", "--dtype", "fp32,bf16",
+                           "--cases", "logits-gated,logits-jsd,sampled"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MISMATCH" not in proc.stdout
+    assert proc.stdout.count("x eager") >= 10, proc.stdout
