@@ -10,8 +10,10 @@ directly, through the two designs of the gradient a trainer would get:
   nothing when grad_output is 1, as in ``loss.backward()``);
 - ``compiled-recompute``: ``opd_rows`` in forward, ``opd_rows_backward`` in backward.
 
-Each provider's loss is checked against eager PyTorch before it is timed. CPU:
-``time.perf_counter``, the minimum and median of ``--reps`` runs after a warm-up;
+Each provider's loss is checked against eager PyTorch before it is timed (that
+call is the warm-up). CPU: ``time.perf_counter``, the providers taking turns for
+``--reps`` rounds (a change of the machine's load falls on all alike), median and
+minimum per provider;
 CUDA: ``triton.testing.do_bench`` medians, and the speed of light (3 units read and
 written at the copy bandwidth measured in the same run).
 
@@ -180,7 +182,6 @@ def time_ms(fn, leaf, device, reps):
         from triton.testing import do_bench
         med, lo = do_bench(fn, grad_to_none=[leaf], quantiles=[0.5, 0.0])
         return med, lo
-    fn()
     times = []
     for _ in range(reps):
         leaf.grad = None
@@ -245,7 +246,7 @@ def main(args):
         with torch.no_grad():
             ref = float(eager(s, t, tok, sign, case))
         print(f"{case} N={n} V={vocab} {dt}")
-        base = {}
+        fns, checks = {}, {}
         for name in args.providers.split(","):
             if name == "speed-of-light":
                 if bandwidth:
@@ -265,22 +266,35 @@ def main(args):
                 print(f"  {name:<20} skipped: {type(e).__name__}: {str(e).splitlines()[0]}")
                 continue
             ok = abs(val - ref) / max(abs(ref), 1e-3) < (1e-2 if dt == "bf16" else 1e-4)
-            with torch.no_grad():
-                fwd = time_ms(fn, s, device, args.reps)
-            fb = time_ms(lambda: fn().backward(), s, device, args.reps)
-            base.setdefault(name, fb[0])
-            note = "" if ok else f"  MISMATCH loss {val:.6g} vs eager {ref:.6g}"
-            print(f"  {name:<20} fwd {fwd[0]:8.2f} ms (min {fwd[1]:7.2f})   fwd+bwd "
-                  f"{fb[0]:8.2f} ms (min {fb[1]:7.2f}){note}")
-            for mode, (med, lo) in (("fwd", fwd), ("fwd_bwd", fb)):
+            fns[name] = fn
+            checks[name] = "ok" if ok else f"MISMATCH loss {val:.6g} vs eager {ref:.6g}"
+        res = {name: {"fwd": [], "fwd_bwd": []} for name in fns}
+        # CPU: the providers take turns, run after run, so a change in the machine's load
+        # falls on all of them alike; CUDA: do_bench per provider
+        for _ in range(args.reps if device == "cpu" else 1):
+            for name, fn in fns.items():
+                with torch.no_grad():
+                    res[name]["fwd"].append(time_ms(fn, s, device, 1))
+                res[name]["fwd_bwd"].append(time_ms(lambda: fn().backward(), s, device, 1))
+        summary = {}
+        for name, modes in res.items():
+            out = {}
+            for mode, runs in modes.items():
+                meds = [r[0] for r in runs]
+                out[mode] = (statistics.median(meds), min(r[1] for r in runs))
                 records.append(dict(meta, case=case, N=n, V=vocab, dtype=dt, provider=name,
-                                    mode=mode, ms=med, min_ms=lo, check="ok" if ok else
-                                    "mismatch"))
-        if "torch-eager" in base:
-            for name, ms in base.items():
+                                    mode=mode, ms=out[mode][0], min_ms=out[mode][1],
+                                    reps=len(runs), check=checks[name][:8].strip().lower()))
+            summary[name] = out
+            note = "" if checks[name] == "ok" else "  " + checks[name]
+            print(f"  {name:<20} fwd {out['fwd'][0]:8.2f} ms (min {out['fwd'][1]:7.2f})   "
+                  f"fwd+bwd {out['fwd_bwd'][0]:8.2f} ms (min {out['fwd_bwd'][1]:7.2f}){note}")
+        if "torch-eager" in summary:
+            e = summary["torch-eager"]["fwd_bwd"]
+            for name, out in summary.items():
                 if name != "torch-eager":
-                    print(f"  {name:<20} {base['torch-eager'] / ms:5.1f}x eager (fwd+bwd, "
-                          "medians)")
+                    print(f"  {name:<20} {e[0] / out['fwd_bwd'][0]:5.1f}x eager (fwd+bwd "
+                          f"medians), {e[1] / out['fwd_bwd'][1]:5.1f}x (minima)")
         del s, t
     if args.record:
         out = HERE / "results" / f"{'cpu' if device == 'cpu' else 'cuda'}-compiled.jsonl"

@@ -22,6 +22,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -417,7 +418,11 @@ void advise_huge(void* p, int64_t bytes) {
 }
 
 inline void advise_grad(void* grad, int dtype, int64_t n, int64_t V) {
-  if (grad) advise_huge(grad, n * V * (dtype == F32 ? 4 : 2));
+  static const bool off = [] {  // SGOPD_NO_HUGEPAGES=1: no advice
+    const char* e = std::getenv("SGOPD_NO_HUGEPAGES");
+    return e && *e && *e != '0';
+  }();
+  if (grad && !off) advise_huge(grad, n * V * (dtype == F32 ? 4 : 2));
 }
 
 }  // namespace
