@@ -271,8 +271,12 @@ def main(args):
         res = {name: {"fwd": [], "fwd_bwd": []} for name in fns}
         # CPU: the providers take turns, run after run, so a change in the machine's load
         # falls on all of them alike; CUDA: do_bench per provider
-        for _ in range(args.reps if device == "cpu" else 1):
-            for name, fn in fns.items():
+        names = list(fns)
+        for rnd in range(args.reps if device == "cpu" else 1):
+            # the order turns too: the provider after a memory-hungry one pays for the
+            # pages the system took back (first-touch faults), so that cost is spread
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                fn = fns[name]
                 with torch.no_grad():
                     res[name]["fwd"].append(time_ms(fn, s, device, 1))
                 res[name]["fwd_bwd"].append(time_ms(lambda: fn().backward(), s, device, 1))
