@@ -46,11 +46,11 @@ def _say(msg: str) -> None:
 
 
 def _first_error(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if "error" in ln.lower():
-            return ln[:300]
-    return (lines[-1] if lines else "no output")[:300]
+    """The compiler's first error line (or the message's last line), short."""
+    lines = [" ".join(ln.split()) for ln in str(text).splitlines() if ln.strip()]
+    pick = next((ln for ln in lines if "error:" in ln.lower()), lines[-1] if lines else
+                "no output")
+    return pick if len(pick) <= 160 else pick[:157] + "..."
 
 
 def find_nvcc():
@@ -185,7 +185,8 @@ def extensions():
     except ImportError:
         _say("pybind11 is not importable: installing the pure-Python package")
         return []
-    return [Extension("sgopd_kernels._C", sources=CPU_SOURCES,
+    depends = ["csrc/opd_math.h", "csrc/cpu/kernels.h", "csrc/cuda/kernels.h", CUDA_SOURCE]
+    return [Extension("sgopd_kernels._C", sources=CPU_SOURCES, depends=depends,
                       include_dirs=[pybind11.get_include(), os.path.join(ROOT, "csrc")],
                       extra_compile_args=CXX_FLAGS, extra_link_args=["-pthread"],
                       language="c++")]
