@@ -14,7 +14,7 @@ import torch
 
 from harness import Provider, Skip, loss_of
 
-SGOPD_BACKENDS = ("triton", "cuda", "torch")
+SGOPD_BACKENDS = ("triton", "cuda", "cpu", "torch")
 LIGER_UNUSABLE = "Liger-Kernel is not usable here"  # with the error of its import or module
 
 

@@ -70,7 +70,18 @@ def _triton_unavailable(device_type: str) -> Optional[str]:
 
 
 def _compiled_unavailable(device_type: str) -> Optional[str]:
-    return "the compiled kernels of csrc/ are not built in this installation"
+    from . import compiled  # (cheap: it imports the extension module or records why not)
+
+    if compiled.available(device_type):
+        return None
+    info = compiled.build_info()
+    if info["module"] is None:
+        return (f"the compiled kernels of csrc/ are not built in this installation "
+                f"({info['error']}); reinstall with a C++ compiler (and nvcc for CUDA)")
+    if device_type == "cuda":
+        return ("the compiled kernels were built without their CUDA part (no nvcc at build "
+                "time, or SGOPD_NO_CUDA=1), or no CUDA device is present")
+    return f"the compiled kernels run on CPU and CUDA tensors, got tensors on {device_type}"
 
 
 _UNAVAILABLE = {"torch": lambda device_type: None, "triton": _triton_unavailable,

@@ -65,7 +65,6 @@ BAD_CALLS = [
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(backend="jax"), ValueError, "backend"),
     (dict(backend="cuda"), RuntimeError, "cuda"),
-    (dict(backend="cpu"), RuntimeError, "cpu"),
     (dict(ignore_index=1.5), TypeError, "ignore_index"),
     (dict(return_stats=1), TypeError, "return_stats"),
     (dict(process_group=object()), RuntimeError, "process_group"),
@@ -138,10 +137,14 @@ def test_module_validates_at_construction():
 # --------------------------------------------------------------------------- backends
 
 def test_resolve_backend(monkeypatch):
-    assert sk.resolve_backend("auto", torch.zeros(1)) == "torch"
-    assert sk.resolve_backend("auto", "cpu") == "torch"
+    from sgopd_kernels import compiled
+
+    cpu = "cpu" if compiled.available("cpu") else "torch"  # the compiled kernels, when built
+    assert sk.resolve_backend("auto", torch.zeros(1)) == cpu
+    assert sk.resolve_backend("auto", "cpu") == cpu
+    assert sk.resolve_backend("auto", "cpu", torch.float64) == "torch"
     assert sk.resolve_backend("torch", "cpu") == "torch"
-    with pytest.raises(RuntimeError, match="not built"):
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run here"):
         sk.resolve_backend("cuda", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -458,3 +461,14 @@ def test_no_double_backward():
     (g,) = torch.autograd.grad(sk.gated_opd_loss(x, t, y), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad((g * torch.randn_like(g)).sum(), x)
+
+
+def test_compiled_backend_not_built_raises(monkeypatch):
+    from sgopd_kernels import compiled
+
+    monkeypatch.setattr(compiled, "_C", None)
+    s, t, y = _inputs()
+    for name in ("cpu", "cuda"):
+        with pytest.raises(RuntimeError, match="not built"):
+            sk.gated_opd_loss(s, t, y, backend=name)
+    assert sk.resolve_backend("auto", "cpu") == "torch"
