@@ -180,3 +180,27 @@ def assert_grad_close(actual, expected, dtype, eager32=None, what="grad", scale_
     if eager32 is not None:
         atol += 4 * eager_error(eager32, expected)
     assert_close(actual, expected, rtol=2 * ROUNDOFF[dtype], atol=atol, what=what)
+
+
+def oracle_topk(student, ids, logprobs, token_logprobs, tokens, verifier=None, *, beta=0.0,
+                extrapolation=1.8, interpolation=1.0, divergence="reverse_kl", jsd_beta=0.5,
+                temperature=1.0, tail_floor=1e-7, ignore_index=-100, weights=None,
+                reduction="mean", grad_out=None, dtype=torch.float64):
+    """(loss, stats dict, grad) of topk_opd_loss through torch.autograd, in ``dtype``;
+    ``token_logprobs`` may be None."""
+    lead = student.shape[:-1]
+    vocab = student.shape[-1]
+    k = ids.shape[-1]
+    s = student.detach().to(dtype).reshape(-1, vocab).requires_grad_(True)
+    tok = tokens.reshape(-1).long()
+    opts = row_options(beta=beta, extrapolation=extrapolation, interpolation=interpolation,
+                       divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
+                       ignore_index=ignore_index, tail_floor=tail_floor)
+    ttl = None if token_logprobs is None else token_logprobs.detach().to(dtype).reshape(-1)
+    r = reference.topk_terms(s, ids.reshape(-1, k).long(),
+                             logprobs.detach().to(dtype).reshape(-1, k), ttl, tok,
+                             _cast(sign_rows(verifier, lead), dtype), opts)
+    valid = tok != ignore_index
+    loss = _reduce(r["loss"], valid, weights, lead, reduction)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(dtype))
+    return loss.detach(), _stats(r, valid), s.grad.reshape(student.shape)
