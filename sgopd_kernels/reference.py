@@ -326,6 +326,15 @@ def logsumexp_or_empty(x):
     return torch.where(empty.squeeze(-1), torch.full_like(out, NEG_INF), out)
 
 
+def log1mexp(a):
+    """log(1 - e^a), accurate for every a < 0 (log(-expm1(a)) near 0, log1p(-e^a) below
+    -log 2); -inf for a >= 0."""
+    near = a > -math.log(2.0)
+    out = torch.where(near, torch.log(-torch.expm1(torch.where(near, a, -1.0))),
+                      torch.log1p(-torch.exp(torch.where(near, -1.0, a))))
+    return torch.where(a >= 0, torch.full_like(a, NEG_INF), out)
+
+
 def topk_membership(ids, tokens, has_token_logprobs: bool, ignore_index: int):
     """Per row: which slots are used (R, K), whether y has its own category (R,), and y's
     category index (R,): its slot, K (its own) or K + 1 (the tail)."""
@@ -342,20 +351,23 @@ def topk_membership(ids, tokens, has_token_logprobs: bool, ignore_index: int):
 
 def topk_teacher_categories(tlp, ttl, present, own, tail_floor: float):
     """The teacher's category log-probabilities (R, K + 2): lp_T at the used slots and at y's
-    own category, and log max(1 - sum, tail_floor) for the tail, with 1 - sum formed as
-    -expm1(logsumexp)."""
+    own category, and log max(1 - sum, tail_floor) for the tail, with log(1 - sum) formed
+    from logsumexp without cancelling (:func:`log1mexp`)."""
     lt_k = torch.where(present, tlp, torch.full_like(tlp, NEG_INF))
     lt_y = torch.full_like(tlp[:, 0], NEG_INF) if ttl is None else \
         torch.where(own, ttl, torch.full_like(ttl, NEG_INF))
     held = logsumexp_or_empty(torch.cat([lt_k, lt_y.unsqueeze(-1)], -1))
-    tail = torch.clamp(-torch.expm1(held), min=tail_floor)  # (NaN stays NaN)
-    return torch.cat([lt_k, lt_y.unsqueeze(-1), torch.log(tail).unsqueeze(-1)], -1)
+    tail = torch.maximum(log1mexp(held), torch.full_like(held, math.log(tail_floor)
+                                                         if tail_floor > 0 else NEG_INF))
+    return torch.cat([lt_k, lt_y.unsqueeze(-1), tail.unsqueeze(-1)], -1)
 
 
 def topk_student_categories(lp_s, ids, tokens, present, own):
     """The student's category log-probabilities (R, K + 2) from its log-probabilities (R, V):
     gathered at the used slots and y, and the tail as the log-sum over the tokens outside
-    them (an exact sum, never 1 - sum); differentiable in ``lp_s``."""
+    them (an exact sum, never 1 - sum in the working precision) or, where that sum holds more
+    than half the mass, as log(1 - the categories' sum) formed without cancelling (so that a
+    tail near 1 keeps its digits); differentiable in ``lp_s``."""
     n, vocab = lp_s.shape
     neg = torch.full_like(ids, NEG_INF, dtype=lp_s.dtype)
     ids0 = torch.where(present, ids, torch.zeros_like(ids))
@@ -365,8 +377,12 @@ def topk_student_categories(lp_s, ids, tokens, present, own):
     inside = torch.zeros(n, vocab + 1, dtype=torch.bool, device=lp_s.device)
     inside.scatter_(-1, torch.where(present, ids, vocab), True)  # (column vocab: a spare)
     inside.scatter_(-1, torch.where(own.unsqueeze(-1), y0, vocab), True)
-    outside = torch.where(inside[:, :vocab], torch.full_like(lp_s, NEG_INF), lp_s)
-    return torch.cat([ls_k, ls_y.unsqueeze(-1), logsumexp_or_empty(outside).unsqueeze(-1)], -1)
+    outside = logsumexp_or_empty(torch.where(inside[:, :vocab], torch.full_like(lp_s, NEG_INF),
+                                             lp_s))
+    held = logsumexp_or_empty(torch.cat([ls_k, ls_y.unsqueeze(-1)], -1))
+    small = outside < -math.log(2.0)
+    tail = torch.where(small, outside, log1mexp(torch.where(small, -1.0, held)))
+    return torch.cat([ls_k, ls_y.unsqueeze(-1), tail.unsqueeze(-1)], -1)
 
 
 def topk_bridge(cat_s, cat_t, cat_y, sign, opts: RowOptions):
@@ -427,20 +443,29 @@ def topk_single_token_terms(cat_s, log_q, opts: RowOptions):
 def topk_grad_coefficients(cat_s, x, log_z_q, opts: RowOptions):
     """The closed-form gradient over the categories (R, K + 2): d loss / d z_v =
     (p_S,v alpha_c + beta_c) / tau for v in category c (beta_c only for a category of one
-    token). Returns (alpha, beta, sum_c P_S(c) G_c (R, 1))."""
+    token). Returns (alpha, beta, sum_c P_S(c) G_c (R, 1)).
+
+    alpha_c = G_c - sum_c' P_S(c') G_c'. For the tail it is formed without the cancellation
+    that a tail holding nearly all the mass would bring: sum over the other categories of
+    P_S(c) (G_tail - G_c), and for forward KL (G_tail = -Q_tail / P_S(tail), sum_c P_S G =
+    -sum Q) sum of the other Q_c minus Q_tail P_S(others) / P_S(tail).
+    """
     log_q = x - log_z_q
     g, beta = topk_single_token_terms(cat_s, log_q, opts)
     p = cat_s.exp()
-    if opts.divergence == Divergence.FORWARD_KL:  # the tail: G = -Q / P_S; sum P_S G = -sum Q
+    zero = torch.zeros_like(p[:, -1:])
+    if opts.divergence == Divergence.FORWARD_KL:
         q = log_q.exp()
-        p_t, q_t = p[:, -1:], q[:, -1:]
-        g = torch.cat([g[:, :-1], torch.where(p_t > 0, -q_t / torch.where(p_t > 0, p_t, 1.0),
-                                              torch.zeros_like(p_t))], -1)
-        beta = torch.cat([beta[:, :-1], torch.zeros_like(p_t)], -1)
-        g_mean = -torch.where(p > 0, q, torch.zeros_like(q)).sum(-1, keepdim=True)
-    else:
-        g_mean = _xmul(p, g).sum(-1, keepdim=True)
-    return g - g_mean, beta, g_mean
+        g_mean = -q.sum(-1, keepdim=True)  # (P_S(c) G_c = -Q_c on the support, however small P_S)
+        ratio = (log_q[:, -1:] + logsumexp_or_empty(cat_s[:, :-1]).unsqueeze(-1)
+                 - cat_s[:, -1:]).exp()
+        tail = torch.where(cat_s[:, -1:] == NEG_INF, zero, q[:, :-1].sum(-1, keepdim=True)
+                           - ratio)
+        return torch.cat([-g_mean.expand_as(g[:, :-1]), tail], -1), \
+            torch.cat([beta[:, :-1], zero], -1), g_mean
+    g_mean = _xmul(p, g).sum(-1, keepdim=True)
+    tail = _xmul(p[:, :-1], g[:, -1:] - g[:, :-1]).sum(-1, keepdim=True)
+    return torch.cat([g[:, :-1] - g_mean, tail], -1), beta, g_mean
 
 
 def topk_scatter_grad(lp_s, tail_alpha, cols, values, opts: RowOptions):
