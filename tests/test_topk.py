@@ -3,7 +3,6 @@ closed-form gradient against autograd, its identities (k = V is the full loss, t
 processing inequality, unused slots, y's own category, the tail floor), TRL's tail-bucket
 losses as a peer, misuse, the vocabulary-parallel path and the fused-linear form."""
 
-import importlib.util
 import math
 import os
 import tempfile
@@ -17,7 +16,7 @@ import torch.multiprocessing as mp
 import sgopd_kernels as sk
 from sgopd_kernels import reference
 from sgopd_kernels.api import row_options
-from helpers import assert_close, oracle_topk
+from helpers import assert_close, oracle_topk, trl_tail_bucket
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
@@ -158,17 +157,7 @@ def test_tail_floor():
     assert torch.isfinite(fkl).all()
 
 
-def _trl_tail_bucket():
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    try:
-        from trl.experimental.server_distillation.server_distillation_trainer import (
-            _add_tail_bucket, _jsd_divergence)
-    except Exception:
-        return None
-    return _add_tail_bucket, _jsd_divergence
-
-
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None or _trl_tail_bucket() is None,
+@pytest.mark.skipif(trl_tail_bucket() is None,
                     reason="trl (with experimental.server_distillation) is not installed")
 @pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
 @pytest.mark.parametrize("trl_beta,divergence", [(0.0, "forward_kl"), (1.0, "reverse_kl"),
@@ -177,7 +166,7 @@ def test_matches_trl_tail_bucket_losses(trl_beta, divergence):
     """TRL's server-distillation losses append a tail bucket (1 - sum of the top-k, clamped
     at 1e-7) to both models' top-k log-probabilities and take its generalized JSD. At beta = 0
     with no gate, away from that clamp, they are this loss."""
-    add_tail, jsd = _trl_tail_bucket()
+    add_tail, jsd = trl_tail_bucket()
     s, _, ids, tlp, y, _ = _inputs(shape=(3, 5), vocab=60, k=8, seed=7)
     lp_s = torch.log_softmax(s, -1)
     valid = torch.ones_like(ids, dtype=torch.bool)
