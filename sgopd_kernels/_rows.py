@@ -38,4 +38,4 @@ ADV = 5           # A = lambda * delta, the detached advantage
 FAMILY = {"logits": {"a": A, "b": B}, "sampled": {"adv": ADV}, "topk": {"a": A, "b": B}}
 # the first column private to a backend, and the table's width, per family
 PRIVATE = {"logits": 7, "sampled": 6, "topk": 7}
-WIDTH = {"logits": 16, "sampled": 8, "topk": 12}
+WIDTH = {"logits": 16, "sampled": 8, "topk": 16}

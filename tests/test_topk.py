@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import sgopd_kernels as sk
 from sgopd_kernels import reference
 from sgopd_kernels.api import row_options
+from conftest import TRITON_DEVICE, needs_triton
 from helpers import assert_close, oracle_topk, trl_tail_bucket
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
@@ -345,6 +346,21 @@ def test_fused_linear_misuse():
         sk.fused_linear_topk_opd_loss(hs, ws, ids, tlp, tok, process_group=object())
 
 
+@needs_triton
+@pytest.mark.parametrize("reduction,divergence", [("mean", "reverse_kl"), ("none", "jsd")])
+def test_fused_linear_triton_matches_torch(reduction, divergence):
+    hs, ws, bs, ids, tlp, tok, ttl = _linear_inputs(dtype=torch.float32, device=TRITON_DEVICE)
+    kw = dict(beta=0.2, divergence=divergence, reduction=reduction, chunk_size=4,
+              teacher_token_logprobs=ttl)
+    out = {}
+    for backend in ("triton", "torch"):
+        loss = sk.fused_linear_topk_opd_loss(hs, ws, ids, tlp, tok, student_bias=bs,
+                                             backend=backend, **kw)
+        out[backend] = (loss,) + torch.autograd.grad(loss.sum(), (hs, ws, bs))
+    for a, b in zip(out["triton"], out["torch"]):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- vocabulary parallel
 
 V_LOCAL = 9
@@ -419,7 +435,8 @@ def _parallel_worker(rank, world, path, backend):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("world,backend", [
-    (2, "torch"), (3, "torch")])
+    (2, "torch"), (3, "torch"), pytest.param(2, "triton", marks=needs_triton),
+    pytest.param(3, "triton", marks=needs_triton)])
 def test_vocab_parallel_matches_single_process(world, backend):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_parallel_worker, args=(world, os.path.join(d, "rendezvous"), backend),
