@@ -678,7 +678,7 @@ def topk_opd_loss(
     divergence: str = "reverse_kl",
     jsd_beta: float = 0.5,
     temperature: float = 1.0,
-    teacher_temperature: None = None,
+    teacher_temperature: Optional[float] = None,
     ignore_index: int = -100,
     weights: Optional[Tensor] = None,
     reduction: str = "mean",

@@ -13,9 +13,13 @@ row of V logits. Four kernels, each with its launcher below:
    same values as in the stream, so they are bitwise the terms the stream added;
    both sums are float64, so the subtraction is exact to about 1e-16 of S and
    the tail keeps float32 precision even when the categories hold all but 1e-6
-   of the student's mass. A row whose maximum lies more than 64 (base 2) above
-   ``r`` reads itself once more with the maximum as its reference (a zero-trip
-   loop for every other row). No per-element membership test.
+   of the student's mass. No per-element membership test, except in the rare
+   row whose tail holds less than 2^-30 of S (where the subtraction would leave
+   fewer digits than float32 has, or the terms underflowed): it reads itself
+   once more, each block tested against the sorted ids that fall into it, and
+   sums its tail against the tail's own maximum. A row whose maximum lies more
+   than 64 (base 2) above ``r`` reads itself once more with the maximum as its
+   reference. Both re-reads are zero-trip loops for every other row.
 2. ``_topk_rows_kernel``, one program per row, O(k): the categories, delta, the
    gate, the bridge over the categories and the divergence (reverse KL, forward
    KL or JSD), the statistics and the row's backward state, into the row table.
