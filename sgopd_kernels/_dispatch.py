@@ -23,7 +23,7 @@ from ._options import Divergence
 FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16})
 ALL_DIVERGENCES = frozenset(Divergence)
 SINGLE, PARALLEL = "single", "parallel"
-FAMILIES = ("logits", "sampled")
+FAMILIES = ("logits", "sampled", "topk")
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,20 @@ class Capability:
     families: dict                  # family -> the modes it implements
     divergences: frozenset          # the logits family's divergences it implements
     stores_grad: bool = False       # writes the gradient in forward (backward scales it)
+    # a family whose code lives apart from the backend's modules: family -> (its module, its
+    # vocabulary-parallel module)
+    family_modules: dict = dataclasses.field(default_factory=dict)
+    # the divergences of a family other than logits, where not all (the sampled estimator
+    # has none)
+    family_divergences: dict = dataclasses.field(default_factory=dict)
 
     def supports(self, family: str, mode: str) -> bool:
         return mode in self.families.get(family, ())
+
+    def implements(self, family: str, divergence: Divergence) -> bool:
+        if family == "logits":
+            return divergence in self.divergences
+        return divergence in self.family_divergences.get(family, ALL_DIVERGENCES)
 
     def unavailable(self, device_type: str) -> Optional[str]:
         """Why this backend cannot run on tensors of ``device_type`` here (None: it can)."""
@@ -93,15 +104,17 @@ CAPABILITIES = (
                ALL_DIVERGENCES, stores_grad=True),
     Capability("triton", "sgopd_kernels.triton", "sgopd_kernels.triton.parallel",
                frozenset({"cuda", "cpu"}), frozenset({"cuda"}), FLOATS,
-               {"logits": (SINGLE, PARALLEL), "sampled": (SINGLE,)},
-               frozenset({Divergence.REVERSE_KL, Divergence.FORWARD_KL})),
+               {"logits": (SINGLE, PARALLEL), "sampled": (SINGLE,), "topk": (SINGLE, PARALLEL)},
+               frozenset({Divergence.REVERSE_KL, Divergence.FORWARD_KL}),
+               family_modules={"topk": ("sgopd_kernels.triton.topk",) * 2}),
     Capability("cpu", "sgopd_kernels.compiled", None, frozenset({"cpu"}), frozenset({"cpu"}),
                FLOATS, {"logits": (SINGLE,), "sampled": (SINGLE,)}, ALL_DIVERGENCES,
                stores_grad=True),
     Capability("torch", "sgopd_kernels.reference", "sgopd_kernels.reference_parallel",
                frozenset({"cpu", "cuda", "meta"}), frozenset({"cpu", "cuda", "meta"}),
                FLOATS | {torch.float64}, {"logits": (SINGLE, PARALLEL),
-                                          "sampled": (SINGLE, PARALLEL)}, ALL_DIVERGENCES),
+                                          "sampled": (SINGLE, PARALLEL),
+                                          "topk": (SINGLE, PARALLEL)}, ALL_DIVERGENCES),
 )
 BY_NAME = {c.name: c for c in CAPABILITIES}
 BACKENDS = ("auto",) + tuple(BY_NAME)
@@ -132,12 +145,12 @@ def resolve(backend: str, device, dtype: Optional[torch.dtype], *, family: str =
         dtype = device.dtype if dtype is None else dtype
     dev = _device_type(device)
     mode = PARALLEL if parallel else SINGLE
-    divergence = divergence if family == "logits" else Divergence.REVERSE_KL
+    divergence = Divergence.REVERSE_KL if family == "sampled" else divergence
     if backend == "auto":
         for cap in CAPABILITIES:
             if (dev in cap.auto_devices and cap.supports(family, mode)
                     and (dtype is None or dtype in cap.dtypes)
-                    and divergence in cap.divergences and cap.unavailable(dev) is None):
+                    and cap.implements(family, divergence) and cap.unavailable(dev) is None):
                 return cap.name
         raise RuntimeError(f"backend='auto': no backend runs this {family} loss on {dev} "
                            f"tensors of {dtype}")  # (the torch entry covers every case)
@@ -149,7 +162,7 @@ def resolve(backend: str, device, dtype: Optional[torch.dtype], *, family: str =
             f"backend={backend!r} does not implement the {family} loss {what}; "
             f"process_group={'set' if parallel else 'None'}: pass backend='auto' or one of "
             f"{others}")
-    if divergence not in cap.divergences:
+    if not cap.implements(family, divergence):
         raise NotImplementedError(
             f"backend={backend!r} does not implement divergence={divergence.label!r} yet; pass "
             f"backend='auto' or 'torch'")
@@ -165,10 +178,13 @@ def resolve(backend: str, device, dtype: Optional[torch.dtype], *, family: str =
     return backend
 
 
-def module(backend: str, parallel: bool = False):
-    """The module that implements ``backend`` (its vocabulary-parallel one with ``parallel``)."""
+def module(backend: str, parallel: bool = False, family: Optional[str] = None):
+    """The module that implements ``backend`` (its vocabulary-parallel one with ``parallel``)
+    for ``family``."""
     cap = BY_NAME[backend]
     name = cap.parallel_module if parallel else cap.module
+    if family in cap.family_modules:
+        name = cap.family_modules[family][int(parallel)]
     if name is None:
         raise RuntimeError(f"backend={backend!r} has no vocabulary-parallel implementation")
     return importlib.import_module(name)

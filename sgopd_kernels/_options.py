@@ -50,7 +50,8 @@ class RowOptions:
 
     ``teacher_temperature`` is resolved: it equals ``temperature`` unless the
     caller set it apart. ``beta`` and ``divergence`` do not apply to the
-    sampled-token estimator (which keeps their defaults).
+    sampled-token estimator (which keeps their defaults). ``tail_floor`` is the
+    least teacher mass of a top-k teacher's tail bucket (the top-k family only).
     """
 
     divergence: Divergence = Divergence.REVERSE_KL
@@ -61,6 +62,7 @@ class RowOptions:
     temperature: float = 1.0
     teacher_temperature: float = 1.0
     ignore_index: int = -100
+    tail_floor: float = 1e-7
 
     @property
     def reverse(self) -> bool:

@@ -8,8 +8,8 @@ float32, except on the torch backend for float64 inputs (float64).
   every family, natural-log units, zero where the position is masked. The
   reductions and the statistics read only these.
 - Family columns: the same meaning on every backend of that family (the
-  bridge coefficients of the logits family, the advantage of the sampled
-  estimator).
+  bridge coefficients of the logits and top-k families, the advantage of the
+  sampled estimator).
 - Columns from ``PRIVATE[family]`` on belong to the backend that wrote the
   table and are named by that backend: the Triton kernels' in
   ``sgopd_kernels/triton/_table.py`` (mirrored as ``tl.constexpr`` for the
@@ -33,7 +33,9 @@ B = 6             # b = 1 - lambda + beta
 # the sampled family (sampled_opd_loss)
 ADV = 5           # A = lambda * delta, the detached advantage
 
-FAMILY = {"logits": {"a": A, "b": B}, "sampled": {"adv": ADV}}
+# the top-k family (topk_opd_loss): A and B, the bridge coefficients over its categories
+
+FAMILY = {"logits": {"a": A, "b": B}, "sampled": {"adv": ADV}, "topk": {"a": A, "b": B}}
 # the first column private to a backend, and the table's width, per family
-PRIVATE = {"logits": 7, "sampled": 6}
-WIDTH = {"logits": 16, "sampled": 8}
+PRIVATE = {"logits": 7, "sampled": 6, "topk": 7}
+WIDTH = {"logits": 16, "sampled": 8, "topk": 16}

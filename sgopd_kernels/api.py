@@ -64,8 +64,10 @@ def resolve_backend(backend: str = "auto", device: Union[Tensor, torch.device, s
 
     ``device``/``dtype`` describe the logits (a tensor may be passed as
     ``device``); ``family`` is "logits" (:func:`gated_opd_loss`,
-    :func:`~sgopd_kernels.fused_linear_gated_opd_loss`) or "sampled"
-    (:func:`sampled_opd_loss`); ``parallel`` means a ``process_group`` is set.
+    :func:`~sgopd_kernels.fused_linear_gated_opd_loss`), "sampled"
+    (:func:`sampled_opd_loss`) or "topk" (:func:`topk_opd_loss`,
+    :func:`~sgopd_kernels.fused_linear_topk_opd_loss`); ``parallel`` means a
+    ``process_group`` is set.
     ``"auto"`` picks, for CUDA tensors, the compiled CUDA kernels when built,
     else Triton; for CPU tensors the compiled CPU kernels when built, else
     the torch reference; float64 always runs the torch reference. A named
@@ -115,11 +117,14 @@ def _check_process_group(group) -> None:
 
 def row_options(*, beta=0.0, extrapolation=1.8, interpolation=1.0, divergence="reverse_kl",
                 jsd_beta=0.5, temperature=1.0, teacher_temperature=None,
-                ignore_index=-100) -> RowOptions:
+                ignore_index=-100, tail_floor=1e-7) -> RowOptions:
     """The validated :class:`RowOptions` of the public keywords (errors name the keyword)."""
     temperature = _check_number("temperature", temperature, positive=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    tail_floor = _check_number("tail_floor", tail_floor)
+    if not 0 <= tail_floor < 1:
+        raise ValueError(f"tail_floor: expected a value in [0, 1), got {tail_floor}")
     return RowOptions(
         divergence=Divergence.parse(divergence),
         beta=_check_number("beta", beta, nonnegative=True),
@@ -130,6 +135,7 @@ def row_options(*, beta=0.0, extrapolation=1.8, interpolation=1.0, divergence="r
         teacher_temperature=temperature if teacher_temperature is None else
         _check_number("teacher_temperature", teacher_temperature, positive=True),
         ignore_index=int(ignore_index),
+        tail_floor=tail_floor,
     )
 
 
@@ -613,6 +619,149 @@ def sampled_opd_loss(
     check_device("teacher_logprobs", teacher_logprobs, student_logits.device)
     tlp = teacher_logprobs.detach().reshape(-1).contiguous()
     return run_family("sampled", student_logits, (tlp,), rows, options, student_logits.dtype)
+
+
+# ---------------------------------------------------------------------------
+# a teacher given by its top-k (an inference engine)
+
+INTEGER_IDS = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def refuse_teacher_temperature(teacher_temperature) -> None:
+    if teacher_temperature is not None:
+        raise ValueError(
+            "teacher_temperature: a top-k teacher's log-probabilities come at the temperature "
+            "the engine scored them with, and no other temperature can be applied to them: "
+            "that would need the teacher's whole distribution (the tail bucket's mass does not "
+            "say how it spreads). Set the temperature in the engine's sampling parameters and "
+            "pass teacher_temperature=None; temperature= scales the student only")
+
+
+def check_topk_teacher(ids, logprobs, token_logprobs, lead: tuple, device: torch.device,
+                       of: str = "student_logits") -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The teacher's top-k tensors of one call, validated: (ids (N, K) int64, log-probabilities
+    (N, K), lp_T(y) (N,) or None), detached and contiguous."""
+    shape = tuple(lead) + ("k",)
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"teacher_topk_ids: expected a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in INTEGER_IDS:
+        raise TypeError(f"teacher_topk_ids: expected an integer tensor of token ids, got "
+                        f"{_dtype_name(ids.dtype)}")
+    if ids.dim() != len(lead) + 1 or tuple(ids.shape[:-1]) != tuple(lead) or ids.shape[-1] < 1:
+        raise ValueError(f"teacher_topk_ids: expected shape {shape} with k >= 1 (the shape of "
+                         f"tokens, then one slot per top-k entry), got {tuple(ids.shape)}")
+    check_device("teacher_topk_ids", ids, device, of)
+    if not isinstance(logprobs, Tensor) or not logprobs.is_floating_point():
+        raise TypeError("teacher_topk_logprobs: expected a floating tensor of log-probabilities, "
+                        f"got {getattr(logprobs, 'dtype', type(logprobs).__name__)}")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(ids.shape)}, the shape of "
+                         f"teacher_topk_ids, got {tuple(logprobs.shape)}")
+    check_device("teacher_topk_logprobs", logprobs, device, of)
+    k = ids.shape[-1]
+    ttl = None
+    if token_logprobs is not None:
+        if not isinstance(token_logprobs, Tensor) or not token_logprobs.is_floating_point():
+            raise TypeError("teacher_token_logprobs: expected None or a floating tensor of "
+                            "log-probabilities, got "
+                            f"{getattr(token_logprobs, 'dtype', type(token_logprobs).__name__)}")
+        if tuple(token_logprobs.shape) != tuple(lead):
+            raise ValueError(f"teacher_token_logprobs: expected shape {tuple(lead)} (like tokens: "
+                             f"lp_T of each sampled token), got {tuple(token_logprobs.shape)}")
+        check_device("teacher_token_logprobs", token_logprobs, device, of)
+        ttl = token_logprobs.detach().reshape(-1).contiguous()
+    return (ids.detach().reshape(-1, k).to(torch.int64).contiguous(),
+            logprobs.detach().reshape(-1, k).contiguous(), ttl)
+
+
+def topk_dtype(dtype: torch.dtype, logprobs: Tensor, token_logprobs: Optional[Tensor]):
+    """The dtype a top-k call is dispatched on: the student's, promoted with the teacher's."""
+    for x in (logprobs, token_logprobs):
+        if x is not None:
+            dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def topk_opd_loss(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    tokens: Tensor,
+    verifier: Optional[Tensor] = None,
+    *,
+    teacher_token_logprobs: Optional[Tensor] = None,
+    tail_floor: float = 1e-7,
+    beta: float = 0.0,
+    extrapolation: float = 1.8,
+    interpolation: float = 1.0,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
+    ignore_index: int = -100,
+    weights: Optional[Tensor] = None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    return_stats: bool = False,
+    process_group=None,
+    backend: str = "auto",
+) -> Union[Tensor, Tuple[Tensor, OPDStats]]:
+    """:func:`gated_opd_loss` for a teacher that returns only its top-k log-probabilities.
+
+    An inference engine (vLLM, SGLang) or a stored run gives, per position, the teacher's
+    k most likely token ids and their log-probabilities. The loss coarsens both models to
+    the categories: each of the k ids, the sampled token ``y`` on its own when
+    ``teacher_token_logprobs`` is given and ``y`` is not among the ids, and one tail bucket
+    holding every other token::
+
+        P_T(e) = exp(lp_T(e)), P_T(tail) = max(1 - sum_e P_T(e), tail_floor)
+        P_S(e) = p_S(e),       P_S(tail) = sum of p_S over the tokens outside the categories
+
+    and applies the gate, the bridge and the divergence of :func:`gated_opd_loss` to them
+    (docs/math.md, "A teacher that returns its top-k"). The student's tail is the exact sum
+    over the tokens outside (never 1 - sum). Each divergence is at most its full-vocabulary
+    value (data processing) and equals it when the ids cover the vocabulary.
+
+    Args:
+        student_logits: (..., V) float32/bfloat16/float16/float64, any strides; the only
+            input that receives a gradient.
+        teacher_topk_ids: (..., k) integer token ids, in [0, V) (global ids with
+            ``process_group``), distinct within a position; a negative id marks an unused
+            slot (its log-probability is not read).
+        teacher_topk_logprobs: (..., k) floating, the teacher's log-probabilities of those
+            ids, normalized over its whole vocabulary (as engines return them); -inf allowed.
+        tokens, verifier: as in :func:`gated_opd_loss`.
+        teacher_token_logprobs: optional (...) lp_T(y) of each sampled token (engines return
+            it beside the top-k): ``y`` then has its own category when it is not among the
+            ids (where it is, the top-k's value is used).
+        tail_floor: in [0, 1), the least mass of the teacher's tail (default 1e-7, TRL's
+            convention): a top-k whose mass rounds to 1 does not make every student tail
+            infinitely wrong. 0 keeps the tail's mass as it is (0 then masks the tail).
+        temperature: > 0, divides the student's logits only. The teacher's log-probabilities
+            come at the engine's sampling temperature and are used as given.
+        teacher_temperature: must stay None. Re-tempering top-k log-probabilities needs the
+            teacher's whole distribution (how the tail's mass spreads), so it cannot be done
+            exactly and is refused (ValueError): set the temperature in the engine.
+        Other keywords: as in :func:`gated_opd_loss`; ``process_group`` shards the student's
+        vocabulary (the ids stay global).
+
+    Returns:
+        The float32 loss, and :class:`OPDStats` when ``return_stats`` is True: ``teacher_kl``
+        is KL(P_S || P_T) over the categories, ``student_entropy`` the student's entropy over
+        the whole vocabulary.
+    """
+    refuse_teacher_temperature(teacher_temperature)
+    options = loss_options(
+        beta=beta, extrapolation=extrapolation, interpolation=interpolation,
+        divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
+        ignore_index=ignore_index, tail_floor=tail_floor, reduction=reduction,
+        return_stats=return_stats, process_group=process_group, backend=backend)
+    check_logits("student_logits", student_logits)
+    rows = check_rows(student_logits, tokens, verifier, weights, num_items_in_batch, options)
+    teacher = check_topk_teacher(teacher_topk_ids, teacher_topk_logprobs, teacher_token_logprobs,
+                                 rows.lead, student_logits.device)
+    return run_family("topk", student_logits, teacher, rows, options,
+                      topk_dtype(student_logits.dtype, teacher[1], teacher[2]))
 
 
 class GatedOPDLoss(torch.nn.Module):

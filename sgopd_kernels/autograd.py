@@ -69,6 +69,9 @@ class Family(NamedTuple):
 FAMILIES = {
     "logits": Family("logits", "opd", ("Tensor teacher",)),
     "sampled": Family("sampled", "sampled", ("Tensor teacher_logprobs",)),
+    # a teacher given by its top-k ids and log-probabilities (and optionally lp_T(y))
+    "topk": Family("topk", "topk", ("Tensor teacher_ids", "Tensor teacher_logprobs",
+                                    "Tensor? teacher_token_logprobs")),
 }
 
 
@@ -84,7 +87,7 @@ def _define_family(f: Family) -> None:
 
     def forward(student, *args):
         teacher, (tokens, sign), (opts, backend) = args[:k], args[k:k + 2], _split(args[k + 2:])
-        return getattr(_dispatch.module(backend), f"{f.prefix}_rows")(
+        return getattr(_dispatch.module(backend, family=f.name), f"{f.prefix}_rows")(
             student, *teacher, tokens, sign, opts)
 
     def forward_fake(student, *args):
@@ -92,7 +95,7 @@ def _define_family(f: Family) -> None:
 
     def backward(grad_rows, student, *args):
         teacher, (tokens, rows_), (opts, backend) = args[:k], args[k:k + 2], _split(args[k + 2:])
-        return getattr(_dispatch.module(backend), f"{f.prefix}_rows_backward")(
+        return getattr(_dispatch.module(backend, family=f.name), f"{f.prefix}_rows_backward")(
             grad_rows, student, *teacher, tokens, rows_, opts)
 
     def backward_fake(grad_rows, student, *args):
@@ -101,7 +104,7 @@ def _define_family(f: Family) -> None:
     def fused(student, *args):
         teacher, (tokens, sign, coef) = args[:k], args[k:k + 3]
         opts, backend = _split(args[k + 3:])
-        mod = _dispatch.module(backend)
+        mod = _dispatch.module(backend, family=f.name)
         kernel = getattr(mod, f"{f.prefix}_rows_grad", None)
         if kernel is not None:
             return kernel(student, *teacher, tokens, sign, coef, opts)

@@ -415,3 +415,66 @@ def fused_linear_gated_opd_loss(
         lambda sl: (t_head.logits(ht[sl]),), tokens, verifier, weights, num_items_in_batch,
         options, chunk_size=chunk_size, scale=s_scale, softcap=s_cap,
         vocab_dtype=t_head.dtype)
+
+
+def fused_linear_topk_opd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    tokens: Tensor,
+    verifier: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_token_logprobs: Optional[Tensor] = None,
+    tail_floor: float = 1e-7,
+    beta: float = 0.0,
+    extrapolation: float = 1.8,
+    interpolation: float = 1.0,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
+    ignore_index: int = -100,
+    weights: Optional[Tensor] = None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    return_stats: bool = False,
+    process_group=None,
+    backend: str = "auto",
+) -> Union[Tensor, Tuple[Tensor, "_api.OPDStats"]]:
+    """:func:`~sgopd_kernels.topk_opd_loss` of the student's LM-head logits, one chunk of rows
+    at a time: the student's logits ``softcap(scale * (hidden @ weight.T + bias))`` never exist
+    in full, and the teacher is its top-k (``teacher_topk_ids``, ``teacher_topk_logprobs``
+    shaped like the hidden states' leading dimensions plus ``(k,)``).
+
+    The head options, chunking, dtypes and the gradients (to ``student_hidden``,
+    ``student_weight`` and ``student_bias``) are those of
+    :func:`fused_linear_gated_opd_loss`; the other keywords those of
+    :func:`~sgopd_kernels.topk_opd_loss`.
+    """
+    _api.refuse_teacher_temperature(teacher_temperature)
+    _no_process_group(process_group)
+    options = _api.loss_options(
+        beta=beta, extrapolation=extrapolation, interpolation=interpolation,
+        divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
+        ignore_index=ignore_index, tail_floor=tail_floor, reduction=reduction,
+        return_stats=return_stats, backend=backend)
+    if not isinstance(student_hidden, Tensor):
+        raise TypeError(f"student_hidden: expected a torch.Tensor, got "
+                        f"{type(student_hidden).__name__}")
+    device = student_hidden.device
+    scale, cap = check_head("student", student_hidden, student_weight, student_bias, device,
+                            student_logit_scale, student_softcap)
+    _check_chunk(chunk_size)
+    ids, tlp, ttl = _api.check_topk_teacher(teacher_topk_ids, teacher_topk_logprobs,
+                                            teacher_token_logprobs, student_hidden.shape[:-1],
+                                            device, of="student_hidden")
+    return fused_linear_loss(
+        "topk", student_hidden, student_weight, student_bias,
+        lambda sl: (ids[sl], tlp[sl], None if ttl is None else ttl[sl]), tokens, verifier,
+        weights, num_items_in_batch, options, chunk_size=chunk_size, scale=scale, softcap=cap,
+        vocab_dtype=_api.topk_dtype(tlp.dtype, tlp, ttl))

@@ -78,7 +78,7 @@ class _ShardRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, family, teacher, tokens, sign, opts, group, backend):
         prefix = FAMILIES[family].prefix
-        mod = _dispatch.module(backend, parallel=True)
+        mod = _dispatch.module(backend, parallel=True, family=family)
         table = getattr(mod, f"{prefix}_rows_parallel")(student, *teacher, tokens, sign, opts,
                                                         group)
         ctx.save_for_backward(student, tokens, table, *teacher)

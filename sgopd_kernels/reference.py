@@ -293,3 +293,239 @@ def sampled_rows_backward(grad_rows, student, teacher_logprobs, tokens, rows, op
         g = -(adv / tau) * (onehot - p) * grad_rows[sl].to(cdt).unsqueeze(-1)
         grad[sl] = torch.where(valid[sl].unsqueeze(-1), g, torch.zeros_like(g)).to(student.dtype)
     return grad.view(shape)
+
+
+# ---------------------------------------------------------------------------
+# a teacher given by its top-k (docs/math.md, "A teacher that returns its top-k")
+#
+# The categories of a row, in this order along the last dimension: its K slots (an unused slot,
+# a negative id, is an absent category), y's own category (present when the teacher's lp_T(y)
+# is given and y is not among the ids), the tail bucket. An absent category has log-probability
+# -inf in both models, so it is outside the target's support and adds nothing.
+
+def check_topk_ids(ids, tokens, vocab: int, ignore_index: int, what: str = "") -> None:
+    """The torch path raises on an id >= vocab or an id twice in one unmasked row (this syncs
+    the host). ``ids``: (N, K) int64; masked rows are not read."""
+    live = ids[tokens != ignore_index]
+    bad = live >= vocab
+    if bool(bad.any()):
+        raise ValueError(f"teacher_topk_ids: id {int(live[bad][0])} is outside [0, {vocab})"
+                         f"{what}; a negative id marks an unused slot")
+    ordered = live.sort(-1).values
+    twice = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(twice.any()):
+        raise ValueError(f"teacher_topk_ids: id {int(ordered[:, 1:][twice][0])} appears twice "
+                         "in one position's top-k; the ids of a position must be distinct")
+
+
+def logsumexp_or_empty(x):
+    """logsumexp over the last dimension; -inf, with a zero gradient, where every entry is -inf
+    (torch.logsumexp's gradient is NaN there)."""
+    empty = (x == NEG_INF).all(-1, keepdim=True)
+    out = torch.logsumexp(torch.where(empty, torch.zeros_like(x), x), dim=-1)
+    return torch.where(empty.squeeze(-1), torch.full_like(out, NEG_INF), out)
+
+
+def log1mexp(a):
+    """log(1 - e^a), accurate for every a < 0 (log(-expm1(a)) near 0, log1p(-e^a) below
+    -log 2); -inf for a >= 0."""
+    near = a > -math.log(2.0)
+    out = torch.where(near, torch.log(-torch.expm1(torch.where(near, a, -1.0))),
+                      torch.log1p(-torch.exp(torch.where(near, -1.0, a))))
+    return torch.where(a >= 0, torch.full_like(a, NEG_INF), out)
+
+
+def topk_membership(ids, tokens, has_token_logprobs: bool, ignore_index: int):
+    """Per row: which slots are used (R, K), whether y has its own category (R,), and y's
+    category index (R,): its slot, K (its own) or K + 1 (the tail)."""
+    k = ids.shape[-1]
+    valid = tokens != ignore_index
+    present = (ids >= 0) & valid.unsqueeze(-1)  # (a masked position has no categories)
+    hit = present & (ids == tokens.unsqueeze(-1))
+    in_e = hit.any(-1)
+    own = valid & ~in_e if has_token_logprobs else torch.zeros_like(valid)
+    cat_y = torch.where(in_e, hit.to(torch.int64).argmax(-1),
+                        torch.where(own, torch.full_like(tokens, k), torch.full_like(tokens, k + 1)))
+    return present, own, cat_y
+
+
+def topk_teacher_categories(tlp, ttl, present, own, tail_floor: float):
+    """The teacher's category log-probabilities (R, K + 2): lp_T at the used slots and at y's
+    own category, and log max(1 - sum, tail_floor) for the tail, with log(1 - sum) formed
+    from logsumexp without cancelling (:func:`log1mexp`)."""
+    lt_k = torch.where(present, tlp, torch.full_like(tlp, NEG_INF))
+    lt_y = torch.full_like(tlp[:, 0], NEG_INF) if ttl is None else \
+        torch.where(own, ttl, torch.full_like(ttl, NEG_INF))
+    held = logsumexp_or_empty(torch.cat([lt_k, lt_y.unsqueeze(-1)], -1))
+    tail = torch.maximum(log1mexp(held), torch.full_like(held, math.log(tail_floor)
+                                                         if tail_floor > 0 else NEG_INF))
+    return torch.cat([lt_k, lt_y.unsqueeze(-1), tail.unsqueeze(-1)], -1)
+
+
+def topk_student_categories(lp_s, ids, tokens, present, own):
+    """The student's category log-probabilities (R, K + 2) from its log-probabilities (R, V):
+    gathered at the used slots and y, and the tail as the log-sum over the tokens outside
+    them (an exact sum, never 1 - sum in the working precision) or, where that sum holds more
+    than half the mass, as log(1 - the categories' sum) formed without cancelling (so that a
+    tail near 1 keeps its digits); differentiable in ``lp_s``."""
+    n, vocab = lp_s.shape
+    neg = torch.full_like(ids, NEG_INF, dtype=lp_s.dtype)
+    ids0 = torch.where(present, ids, torch.zeros_like(ids))
+    y0 = torch.where(own, tokens, torch.zeros_like(tokens)).unsqueeze(-1)
+    ls_k = torch.where(present, lp_s.gather(-1, ids0), neg)
+    ls_y = torch.where(own, lp_s.gather(-1, y0).squeeze(-1), neg[:, 0])
+    inside = torch.zeros(n, vocab + 1, dtype=torch.bool, device=lp_s.device)
+    inside.scatter_(-1, torch.where(present, ids, vocab), True)  # (column vocab: a spare)
+    inside.scatter_(-1, torch.where(own.unsqueeze(-1), y0, vocab), True)
+    outside = logsumexp_or_empty(torch.where(inside[:, :vocab], torch.full_like(lp_s, NEG_INF),
+                                             lp_s))
+    held = logsumexp_or_empty(torch.cat([ls_k, ls_y.unsqueeze(-1)], -1))
+    small = outside < -math.log(2.0)
+    tail = torch.where(small, outside, log1mexp(torch.where(small, -1.0, held)))
+    return torch.cat([ls_k, ls_y.unsqueeze(-1), tail.unsqueeze(-1)], -1)
+
+
+def topk_bridge(cat_s, cat_t, cat_y, sign, opts: RowOptions):
+    """delta, the gate, lambda, a, b, the bridge logits x over the categories and log Z_q, from
+    the category log-probabilities (``cat_s`` detached)."""
+    y = cat_y.unsqueeze(-1)
+    delta = sampled_delta(cat_t.gather(-1, y).squeeze(-1), cat_s.gather(-1, y).squeeze(-1))
+    lam, g = gate_lambda(delta, sign, opts.lam_pos, opts.lam_neg)
+    a, b = lam.unsqueeze(-1), (1.0 - lam + opts.beta).unsqueeze(-1)
+    x = bridge_logits(cat_s, cat_t, a, b)
+    return delta, g, a, b, x, logsumexp_or_empty(x).unsqueeze(-1)
+
+
+def topk_terms(s_logits, ids, tlp, ttl, tokens, sign, opts: RowOptions) -> dict:
+    """All per-row quantities of the top-k loss for one chunk of rows; differentiable in
+    ``s_logits`` as the spec's loss is (the target and the gate use the detached student)."""
+    lp_s = log_softmax(s_logits / opts.temperature)
+    valid = tokens != opts.ignore_index
+    present, own, cat_y = topk_membership(ids, tokens, ttl is not None, opts.ignore_index)
+    cat_s = topk_student_categories(lp_s, ids, tokens, present, own)
+    cat_t = topk_teacher_categories(tlp, ttl, present, own, opts.tail_floor)
+    cat_sd = cat_s.detach()
+    delta, g, a, b, x, log_z_q = topk_bridge(cat_sd, cat_t, cat_y, sign, opts)
+    loss = divergence_rows(cat_s, x - log_z_q, opts)
+    # an empty joint support: no target, the divergence is +inf
+    loss = torch.where(log_z_q.squeeze(-1) == NEG_INF, torch.full_like(loss, math.inf), loss)
+    with torch.no_grad():
+        teacher_kl = _xmul(cat_sd.exp(), cat_sd - cat_t).sum(-1)
+        lp_sd = lp_s.detach()
+        entropy = -_xmul(lp_sd.exp(), lp_sd).sum(-1)
+    zero = torch.zeros_like(delta)
+    return dict(
+        loss=torch.where(valid, loss, torch.zeros_like(loss)),
+        delta=torch.where(valid, delta, zero),
+        gate=torch.where(valid, g, zero),
+        teacher_kl=torch.where(valid, teacher_kl, zero),
+        entropy=torch.where(valid, entropy, zero),
+        a=a.squeeze(-1),
+        b=b.squeeze(-1),
+    )
+
+
+def topk_single_token_terms(cat_s, log_q, opts: RowOptions):
+    """(G_c, beta_c) of categories with one token each (docs/math.md): the gradient at that
+    token is (p_S (G_c - sum_c' P_S(c') G_c') + beta_c) / tau. Reverse KL and JSD: G_c =
+    d loss / d P_S(c) up to a constant (0 where P_S(c) = 0) and beta_c = 0; forward KL has
+    G_c = -Q_c / P_S(c), whose p_S G_c is kept as beta_c = -Q_c (no division), G_c = 0."""
+    zero = torch.zeros_like(cat_s)
+    if opts.divergence == Divergence.FORWARD_KL:
+        return zero, -log_q.exp()
+    if opts.divergence == Divergence.REVERSE_KL:  # G = log P_S - log Q (up to a constant)
+        g = cat_s - log_q
+    else:  # JSD: G = (1 - pi) log(P_S / M)
+        g = (1.0 - opts.jsd_beta) * (cat_s - log_mixture(cat_s, log_q, opts.jsd_beta))
+    return torch.where(cat_s.exp() > 0, g, zero), zero
+
+
+def topk_grad_coefficients(cat_s, x, log_z_q, opts: RowOptions):
+    """The closed-form gradient over the categories (R, K + 2): d loss / d z_v =
+    (p_S,v alpha_c + beta_c) / tau for v in category c (beta_c only for a category of one
+    token). Returns (alpha, beta, sum_c P_S(c) G_c (R, 1)).
+
+    alpha_c = G_c - sum_c' P_S(c') G_c'. For the tail it is formed without the cancellation
+    that a tail holding nearly all the mass would bring: sum over the other categories of
+    P_S(c) (G_tail - G_c), and for forward KL (G_tail = -Q_tail / P_S(tail), sum_c P_S G =
+    -sum Q) sum of the other Q_c minus Q_tail P_S(others) / P_S(tail).
+    """
+    log_q = x - log_z_q
+    g, beta = topk_single_token_terms(cat_s, log_q, opts)
+    p = cat_s.exp()
+    zero = torch.zeros_like(p[:, -1:])
+    if opts.divergence == Divergence.FORWARD_KL:
+        q = log_q.exp()
+        g_mean = -q.sum(-1, keepdim=True)  # (P_S(c) G_c = -Q_c on the support, however small P_S)
+        ratio = (log_q[:, -1:] + logsumexp_or_empty(cat_s[:, :-1]).unsqueeze(-1)
+                 - cat_s[:, -1:]).exp()
+        tail = torch.where(cat_s[:, -1:] == NEG_INF, zero, q[:, :-1].sum(-1, keepdim=True)
+                           - ratio)
+        return torch.cat([-g_mean.expand_as(g[:, :-1]), tail], -1), \
+            torch.cat([beta[:, :-1], zero], -1), g_mean
+    g_mean = _xmul(p, g).sum(-1, keepdim=True)
+    tail = _xmul(p[:, :-1], g[:, -1:] - g[:, :-1]).sum(-1, keepdim=True)
+    return torch.cat([g[:, :-1] - g_mean, tail], -1), beta, g_mean
+
+
+def topk_scatter_grad(lp_s, tail_alpha, cols, values, opts: RowOptions):
+    """The gradient (R, V): p_S times the tail's coefficient ``tail_alpha`` (R, 1) everywhere,
+    then ``values`` (R, J) (tau times the gradient) at ``cols`` (R, J), whose entries equal to
+    V are written nowhere."""
+    n, vocab = lp_s.shape
+    grad = torch.empty(n, vocab + 1, dtype=lp_s.dtype, device=lp_s.device)  # (column V: a
+    grad[:, :vocab] = _xmul(lp_s.exp(), tail_alpha.expand_as(lp_s))        # spare to write)
+    grad.scatter_(-1, cols, values)
+    return grad[:, :vocab] / opts.temperature
+
+
+def _topk_others(tlp, ttl):
+    return (tlp,) if ttl is None else (tlp, ttl)
+
+
+def topk_rows(student, ids, tlp, ttl, tokens, sign, opts: RowOptions) -> torch.Tensor:
+    """Per-row table (N, WIDTH["topk"]) for logits ``student`` (..., V), the teacher's top-k
+    ``ids`` and ``tlp`` (N, K) and optionally its lp_T(y) ``ttl`` (N,)."""
+    student = _as_rows(student)
+    n, vocab = student.shape
+    check_tokens(tokens, vocab, ignore_index=opts.ignore_index)
+    check_topk_ids(ids, tokens, vocab, opts.ignore_index)
+    cdt = _compute_dtype(student, *_topk_others(tlp, ttl))
+    out = torch.zeros(n, C.WIDTH["topk"], dtype=cdt, device=student.device)
+    columns = {**C.SHARED, **C.FAMILY["topk"]}
+    for sl in _chunks(n, vocab):
+        r = topk_terms(student[sl].to(cdt), ids[sl], tlp[sl].to(cdt),
+                       None if ttl is None else ttl[sl].to(cdt), tokens[sl],
+                       None if sign is None else sign[sl].to(cdt), opts)
+        for name, col in columns.items():
+            out[sl, col] = r[name]
+    return out
+
+
+def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts: RowOptions):
+    """d loss / d student logits, shaped like ``student``, from the table's A and B."""
+    shape = student.shape
+    student = _as_rows(student)
+    n, vocab = student.shape
+    cdt = _compute_dtype(student, *_topk_others(tlp, ttl))
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    valid = tokens != opts.ignore_index
+    for sl in _chunks(n, vocab):
+        lp_s = log_softmax(student[sl].to(cdt) / opts.temperature)
+        t_sl = None if ttl is None else ttl[sl].to(cdt)
+        present, own, _ = topk_membership(ids[sl], tokens[sl], ttl is not None,
+                                          opts.ignore_index)
+        cat_s = topk_student_categories(lp_s, ids[sl], tokens[sl], present, own)
+        cat_t = topk_teacher_categories(tlp[sl].to(cdt), t_sl, present, own, opts.tail_floor)
+        x = bridge_logits(cat_s, cat_t, rows[sl, C.A, None].to(cdt), rows[sl, C.B, None].to(cdt))
+        alpha, beta, _ = topk_grad_coefficients(cat_s, x, logsumexp_or_empty(x).unsqueeze(-1),
+                                                opts)
+        k = ids.shape[-1]
+        cols = torch.cat([torch.where(present, ids[sl], vocab),
+                          torch.where(own, tokens[sl], vocab).unsqueeze(-1)], -1)
+        g = topk_scatter_grad(lp_s, alpha[:, -1:], cols,
+                              _xmul(cat_s[:, :k + 1].exp(), alpha[:, :k + 1]) + beta[:, :k + 1],
+                              opts)
+        g = g * grad_rows[sl].to(cdt).unsqueeze(-1)
+        grad[sl] = torch.where(valid[sl].unsqueeze(-1), g, torch.zeros_like(g)).to(student.dtype)
+    return grad.view(shape)

@@ -18,7 +18,10 @@ from . import _rows as C
 from ._options import Divergence
 from .parallel import all_reduce, check_shards, finite, log_total, shard_start
 from .reference import (_as_rows, _chunks, _compute_dtype, _xmul, bridge_logits, check_tokens,
-                        gate_lambda, log_mixture, opd_grad_logprobs, sampled_delta)
+                        check_topk_ids, divergence_rows, gate_lambda, log_mixture,
+                        opd_grad_logprobs, sampled_delta, topk_bridge, topk_grad_coefficients,
+                        topk_membership, topk_scatter_grad, topk_single_token_terms,
+                        topk_teacher_categories)
 
 NEG_INF = float("-inf")
 
@@ -29,6 +32,11 @@ LOG_Z_Q = LSE_S + 2          # log Z_q = L_q
 E_P = LSE_S + 3              # E_{p_S}[u] (reverse KL) or E_{p_S}[h] (JSD)
 # and of the sampled family's
 S_LSE = C.PRIVATE["sampled"]  # log Z_S
+# and of the top-k family's
+K_LSE_S = C.PRIVATE["topk"]  # log Z_S of s = z_S / tau
+K_LOG_ZQ = K_LSE_S + 1       # log Z_q over the categories
+K_G_MEAN = K_LSE_S + 2       # sum_c P_S(c) G_c
+K_TAIL = K_LSE_S + 3         # alpha of the tail: G_tail - sum_c P_S(c) G_c
 
 
 def _check(student, tokens, opts, group) -> None:
@@ -203,5 +211,113 @@ def sampled_rows_parallel_backward(grad_rows, student, teacher_logprobs, tokens,
         onehot = torch.zeros_like(p).scatter_(-1, col[sl], 1.0) * own[sl, None].to(cdt)
         adv = rows[sl, C.ADV, None].to(cdt)
         gv = -(adv / tau) * (onehot - p) * grad_rows[sl].to(cdt).unsqueeze(-1)
+        grad[sl] = torch.where(valid[sl], gv, torch.zeros_like(gv)).to(s.dtype)
+    return grad.view(shape)
+
+
+# ---------------------------------------------------------------------------
+# a teacher given by its top-k: each rank holds a shard of the student's logits, the ids are
+# global; the category math is O(rows k) and the same on every rank
+
+def _held(cols, start: int, local_vocab: int):
+    """Whether this rank holds each global column (negative: none), and its local column
+    (local_vocab, a spare, where not)."""
+    local = cols - start
+    held = (cols >= 0) & (local >= 0) & (local < local_vocab)
+    return held, torch.where(held, local, torch.full_like(local, local_vocab))
+
+
+def topk_rows_parallel(student, ids, tlp, ttl, tokens, sign, opts, group):
+    """The table (N, WIDTH["topk"]) of this rank's shard; private columns named above."""
+    vocab = check_shards(student.shape[-1], group, student.device)
+    check_tokens(tokens, vocab, opts.ignore_index,
+                 what=" (the global vocabulary of the process group)")
+    check_topk_ids(ids, tokens, vocab, opts.ignore_index,
+                   what=" (the global vocabulary of the process group)")
+    s = _as_rows(student)
+    n, vl = s.shape
+    k = ids.shape[-1]
+    cdt = _compute_dtype(s, *(x for x in (tlp, ttl) if x is not None))
+    valid = tokens != opts.ignore_index
+    start = shard_start(vl, group)
+    present, own, cat_y = topk_membership(ids, tokens, ttl is not None, opts.ignore_index)
+    held_k, col_k = _held(torch.where(present, ids, -1), start, vl)
+    held_y, col_y = _held(torch.where(own, tokens, -1), start, vl)
+    cols = torch.cat([col_k, col_y.unsqueeze(-1)], -1)
+
+    def chunks(fn, width):
+        out = torch.empty(n, width, dtype=cdt, device=s.device)
+        for sl in _chunks(n, vl):
+            out[sl] = fn(sl, s[sl].to(cdt) / opts.temperature)
+        return out
+
+    # round 1: the student's row maximum
+    m = finite(all_reduce(chunks(lambda sl, zs: zs.amax(-1, keepdim=True), 1),
+                          dist.ReduceOp.MAX, group)[:, 0])
+
+    # round 2: its normalizer, entropy sum and tail (the sum over the tokens outside the
+    # categories), and its logits at the categories from their holders (0 from the others)
+    def sums(sl, zs):
+        zc = zs - m[sl, None]
+        e = zc.exp()
+        outside = torch.ones(zs.shape[0], vl + 1, dtype=torch.bool, device=s.device)
+        outside.scatter_(-1, cols[sl], False)
+        at = torch.cat([zs, torch.zeros_like(zs[:, :1])], -1).gather(-1, cols[sl])
+        return torch.cat([torch.stack([e.sum(-1), _xmul(e, zc).sum(-1),
+                                       torch.where(outside[:, :vl], e, 0.0).sum(-1)], -1),
+                          at], -1)
+    r2 = all_reduce(chunks(sums, 3 + k + 1), dist.ReduceOp.SUM, group)
+    lse = log_total(m, r2[:, 0])
+    neg = torch.full_like(r2[:, 3:], NEG_INF)
+    cat_s = torch.cat([torch.where(torch.cat([present, own.unsqueeze(-1)], -1),
+                                   r2[:, 3:] - lse[:, None], neg),
+                       (m + r2[:, 2].log() - lse).unsqueeze(-1)], -1)  # (-inf: no tail)
+    cat_t = topk_teacher_categories(tlp.to(cdt), None if ttl is None else ttl.to(cdt), present,
+                                    own, opts.tail_floor)
+    delta, g, a, b, x, log_z_q = topk_bridge(cat_s, cat_t, cat_y,
+                                             None if sign is None else sign.to(cdt), opts)
+    loss = divergence_rows(cat_s, x - log_z_q, opts)
+    loss = torch.where(log_z_q[:, 0] == NEG_INF, torch.full_like(loss, math.inf), loss)
+    alpha, _, g_mean = topk_grad_coefficients(cat_s, x, log_z_q, opts)
+    teacher_kl = _xmul(cat_s.exp(), cat_s - cat_t).sum(-1)
+    entropy = torch.where(r2[:, 0] == 0, torch.zeros_like(lse),
+                          r2[:, 0].log() - r2[:, 1] / r2[:, 0])
+
+    zero = torch.zeros_like(loss)
+    out = torch.zeros(n, C.WIDTH["topk"], dtype=cdt, device=s.device)
+    for c, v in ((C.LOSS, loss), (C.DELTA, delta), (C.GATE, g), (C.TEACHER_KL, teacher_kl),
+                 (C.ENTROPY, entropy)):
+        out[:, c] = torch.where(valid, v, zero)
+    out[:, C.A], out[:, C.B] = a[:, 0], b[:, 0]
+    out[:, K_LSE_S], out[:, K_LOG_ZQ] = lse, log_z_q[:, 0]
+    out[:, K_G_MEAN], out[:, K_TAIL] = g_mean[:, 0], alpha[:, -1]
+    return out
+
+
+def topk_rows_parallel_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts, group):
+    """d loss / d (this rank's student shard), from the combined row state: the tail's
+    coefficient everywhere, and at the categories this rank holds their own values."""
+    shape = student.shape
+    s = _as_rows(student)
+    n, vl = s.shape
+    cdt = _compute_dtype(s, *(x for x in (tlp, ttl) if x is not None))
+    present, own, _ = topk_membership(ids, tokens, ttl is not None, opts.ignore_index)
+    start = shard_start(vl, group)
+    _, col_k = _held(torch.where(present, ids, -1), start, vl)
+    _, col_y = _held(torch.where(own, tokens, -1), start, vl)
+    cols = torch.cat([col_k, col_y.unsqueeze(-1)], -1)
+    lt = torch.cat([tlp, torch.zeros_like(tlp[:, :1]) if ttl is None else ttl.unsqueeze(-1)],
+                   -1).to(cdt)
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    valid = (tokens != opts.ignore_index).unsqueeze(-1)
+    for sl in _chunks(n, vl):
+        r = rows[sl].to(cdt)
+        lp = s[sl].to(cdt) / opts.temperature - r[:, K_LSE_S, None]
+        ls = torch.cat([lp, torch.full_like(lp[:, :1], NEG_INF)], -1).gather(-1, cols[sl])
+        x = bridge_logits(ls, lt[sl], r[:, C.A, None], r[:, C.B, None])
+        g, beta = topk_single_token_terms(ls, x - r[:, K_LOG_ZQ, None], opts)
+        values = _xmul(ls.exp(), g - r[:, K_G_MEAN, None]) + beta
+        gv = topk_scatter_grad(lp, r[:, K_TAIL, None], cols[sl], values, opts)
+        gv = gv * grad_rows[sl].to(cdt).unsqueeze(-1)
         grad[sl] = torch.where(valid[sl], gv, torch.zeros_like(gv)).to(s.dtype)
     return grad.view(shape)

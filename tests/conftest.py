@@ -37,8 +37,8 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Shrink the kernels' vocabulary blocks so small rows take several loop steps."""
-    from sgopd_kernels.triton import logits, sampled
+    from sgopd_kernels.triton import logits, sampled, topk
 
-    for mod in (logits, sampled):
+    for mod in (logits, sampled, topk):
         monkeypatch.setattr(mod, "FWD_BLOCK_V", 64)
         monkeypatch.setattr(mod, "BWD_BLOCK_V", 64)

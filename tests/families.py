@@ -19,7 +19,7 @@ import sgopd_kernels as sk
 from sgopd_kernels import _dispatch
 from sgopd_kernels._options import Divergence
 from conftest import TRITON_DEVICE
-from helpers import oracle_opd, oracle_sampled
+from helpers import oracle_opd, oracle_sampled, oracle_topk
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,25 @@ def _teacher_logprobs(s, gen):
     return ((-5 * torch.rand(*s.shape[:-1], generator=gen)).to(s.device),)
 
 
+def _teacher_topk(s, gen):
+    """A teacher's top-k (k = 6) of random logits, with an unused slot in every other position,
+    and a log-probability for each sampled token (y's own category where y is not in the
+    top-k)."""
+    vocab, lead = s.shape[-1], s.shape[:-1]
+    k = min(6, vocab)
+    lp = torch.log_softmax(2 * torch.randn(*lead, vocab, generator=gen), -1)
+    ids = lp.topk(k, -1).indices
+    logprobs = lp.gather(-1, ids)
+    ids.view(-1, k)[::2, -1] = -1
+    token_logprobs = -5 - 3 * torch.rand(lead, generator=gen)
+    return tuple(x.to(s.device) for x in (ids, logprobs, token_logprobs))
+
+
+def _topk_loss(student, ids, logprobs, token_logprobs, tokens, verifier=None, **kw):
+    return sk.topk_opd_loss(student, ids, logprobs, tokens, verifier,
+                            teacher_token_logprobs=token_logprobs, **kw)
+
+
 FAMILIES = [
     Family("logits", sk.gated_opd_loss, oracle_opd, _teacher_logits, (
         dict(beta=0.2),
@@ -51,6 +70,10 @@ FAMILIES = [
         dict(beta=0.2, divergence="jsd", jsd_beta=0.3))),
     Family("sampled", sk.sampled_opd_loss, oracle_sampled, _teacher_logprobs,
            (dict(extrapolation=1.5),)),
+    Family("topk", _topk_loss, oracle_topk, _teacher_topk, (
+        dict(beta=0.2, tail_floor=1e-5),
+        dict(beta=0.2, divergence="forward_kl"),
+        dict(beta=0.2, divergence="jsd", jsd_beta=0.3, tail_floor=1e-5))),
 ]
 
 
@@ -67,8 +90,9 @@ KERNELS = [(name, dev) for name, dev in BACKENDS if name != "torch"]
 
 
 def _implements(backend: str, family: Family, options: dict) -> bool:
+    cap = _dispatch.BY_NAME[backend]
     div = Divergence.parse(options.get("divergence", "reverse_kl"))
-    return family.name != "logits" or div in _dispatch.BY_NAME[backend].divergences
+    return cap.supports(family.name, _dispatch.SINGLE) and cap.implements(family.name, div)
 
 
 def cases(backends):

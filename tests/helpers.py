@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+from hypothesis import HealthCheck, Phase, settings
 
 from sgopd_kernels import reference
 from sgopd_kernels.api import row_options
+
+KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def interpreted_hypothesis(max_examples: int):
+    """hypothesis settings for tests that run the Triton interpreter: derandomized, no deadline
+    and no shrinking (which takes minutes there; the failing example is printed as drawn)."""
+    return settings(max_examples=max_examples, deadline=None, derandomize=True,
+                    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
 
 # unit roundoff of the gradient's dtype (the kernels compute in float32 and round once)
 ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11,
@@ -180,3 +193,63 @@ def assert_grad_close(actual, expected, dtype, eager32=None, what="grad", scale_
     if eager32 is not None:
         atol += 4 * eager_error(eager32, expected)
     assert_close(actual, expected, rtol=2 * ROUNDOFF[dtype], atol=atol, what=what)
+
+
+def oracle_topk(student, ids, logprobs, token_logprobs, tokens, verifier=None, *, beta=0.0,
+                extrapolation=1.8, interpolation=1.0, divergence="reverse_kl", jsd_beta=0.5,
+                temperature=1.0, tail_floor=1e-7, ignore_index=-100, weights=None,
+                reduction="mean", grad_out=None, dtype=torch.float64):
+    """(loss, stats dict, grad) of topk_opd_loss through torch.autograd, in ``dtype``;
+    ``token_logprobs`` may be None."""
+    lead = student.shape[:-1]
+    vocab = student.shape[-1]
+    k = ids.shape[-1]
+    s = student.detach().to(dtype).reshape(-1, vocab).requires_grad_(True)
+    tok = tokens.reshape(-1).long()
+    opts = row_options(beta=beta, extrapolation=extrapolation, interpolation=interpolation,
+                       divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
+                       ignore_index=ignore_index, tail_floor=tail_floor)
+    ttl = None if token_logprobs is None else token_logprobs.detach().to(dtype).reshape(-1)
+    r = reference.topk_terms(s, ids.reshape(-1, k).long(),
+                             logprobs.detach().to(dtype).reshape(-1, k), ttl, tok,
+                             _cast(sign_rows(verifier, lead), dtype), opts)
+    valid = tok != ignore_index
+    loss = _reduce(r["loss"], valid, weights, lead, reduction)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(dtype))
+    return loss.detach(), _stats(r, valid), s.grad.reshape(student.shape)
+
+
+def assert_kernel_matches_oracle(loss, stats, grad, student, want, eager, *, teacher, tokens,
+                                 temperature, reduction, weights=None, grad_out=None):
+    """A kernel's loss, statistics and gradient against the float64 oracle's ``want`` =
+    (loss, stats dict, grad), with eager float32 PyTorch's ``eager`` (the same, in float32) as
+    the yardstick of float32's error (:func:`assert_loss_close`, :func:`assert_grad_close`).
+
+    ``teacher``: the teacher's tensors whose magnitudes enter the log-probability scale.
+    """
+    (want_loss, want_stats, g_want), (eager_loss, eager_stats, g_eager) = want, eager
+    assert loss.dtype == torch.float32
+    assert_loss_close(loss, want_loss, eager32=eager_loss)
+    for name, value in want_stats.items():
+        assert_loss_close(getattr(stats, name).reshape(1), torch.tensor([value]), what=name,
+                          eager32=torch.tensor([eager_stats[name]]))
+    assert grad.shape == student.shape and grad.dtype == student.dtype
+    scale_l = logprob_scale(student, *teacher, temperature=temperature)
+    count = int((tokens != -100).sum()) if reduction == "mean" else 1
+    p_s = torch.softmax(student.double() / temperature, dim=-1).nan_to_num(0.0)
+    unit = p_s * (1.0 if weights is None else float(weights.abs().max())) * \
+        (1.0 if grad_out is None else float(grad_out.abs().max())) / \
+        (max(count, 1) * temperature)
+    assert_grad_close(grad, g_want, student.dtype, g_eager, scale_l=scale_l, unit=unit)
+
+
+def trl_tail_bucket():
+    """TRL's ``(_add_tail_bucket, _jsd_divergence)`` of its server distillation, or None where
+    trl (or that module) is not importable."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl.experimental.server_distillation.server_distillation_trainer import (
+            _add_tail_bucket, _jsd_divergence)
+    except Exception:
+        return None
+    return _add_tail_bucket, _jsd_divergence

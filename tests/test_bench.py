@@ -68,9 +68,9 @@ def test_bench_cpu_smoke_with_interpreted_kernels():
     assert "CPU timings say nothing about GPU speed" in out
     assert "mismatch" not in out and "WARNING" not in out
     rows = [line for line in out.splitlines() if line.rstrip().endswith(" ok")]
-    # 5 cases (4 logits, linear-rkl) x 2 dtypes x 2 library backends, each checked against
-    # eager PyTorch
-    assert len(rows) == 20, out
+    # 7 cases (3 logits, sampled, linear-rkl, 2 topk) x 2 dtypes x 2 library backends, each
+    # checked against eager PyTorch
+    assert len(rows) == 28, out
 
 
 def test_block_sweep_smoke_with_interpreted_kernels():

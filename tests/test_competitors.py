@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from helpers import trl_tail_bucket
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,3 +57,15 @@ def test_trl_rows_match_eager():
     out = _bench("--cases", "linear-rkl", "--dtype", "fp32,bf16", "--providers", "trl,torch-eager")
     rows = _checked_rows(out, "trl")
     assert len(rows) == 2 and all(r[-1] == "ok" for r in rows), out
+
+
+@pytest.mark.skipif(trl_tail_bucket() is None,
+                    reason="trl.experimental.server_distillation is not importable")
+def test_trl_tail_bucket_rows_match_eager():
+    # _add_tail_bucket on both models' top-k log-probabilities, _jsd_divergence(beta=0): forward
+    # KL over the top-k and the tail bucket
+    out = _bench("--cases", "topk-k20,topk-k64", "--dtype", "fp32", "--providers",
+                 "trl,torch-eager")
+    rows = _checked_rows(out, "trl")
+    assert [r[0] for r in rows] == ["topk-k20", "topk-k64"] and \
+        all(r[-1] == "ok" for r in rows), out

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import sgopd_kernels as sk
@@ -18,16 +18,13 @@ from sgopd_kernels.triton import logits as tlogits
 from sgopd_kernels.triton import sampled as tsampled
 from sgopd_kernels.triton._layout import row_layout
 from conftest import TRITON_DEVICE, needs_triton
-from helpers import (assert_close, assert_grad_close, assert_loss_close, logprob_scale,
+from helpers import (KERNEL_DTYPES, assert_close, assert_grad_close,
+                     assert_kernel_matches_oracle, assert_loss_close, interpreted_hypothesis,
                      oracle_opd, oracle_sampled)
 
 pytestmark = needs_triton
 DEV = TRITON_DEVICE
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# no shrinking: in the interpreter it takes minutes; the failing example is printed as drawn
-HYP = settings(max_examples=80, deadline=None, derandomize=True,
-               phases=[Phase.explicit, Phase.reuse, Phase.generate],
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+HYP = interpreted_hypothesis(80)
 
 
 LAYOUTS_2D = ["flat", "vocab_strided"]                         # lead (N,)
@@ -59,7 +56,7 @@ def _draw_case(draw, *, sampled=False):
     n_b = draw(st.integers(1, 3))
     n_t = draw(st.integers(1, 3))
     vocab = draw(st.sampled_from([1, 2, 7, 61, 64, 127, 257, 331]))
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
     scale = draw(st.sampled_from([0.5, 3.0, 12.0]))
     s = _layout(draw(st.sampled_from(kinds)), n_b, n_t, vocab, dtype, scale, gen)
     lead = s.shape[:-1]
@@ -126,21 +123,11 @@ def _check_against_oracle(loss_fn, oracle, module, block, s, other, tokens, veri
         grad_out = torch.randn(loss.shape, device=DEV) if kw["reduction"] == "none" else None
         (g,) = torch.autograd.grad(loss, x, grad_out)
     okw = dict(weights=_to(w, "cpu"), grad_out=_to(grad_out, "cpu"), **kw)
-    want, want_stats, g_want = oracle(s, other, tokens, verifier, **okw)
-    eager, eager_stats, g_eager = oracle(s, other, tokens, verifier, dtype=torch.float32, **okw)
-    assert loss.dtype == torch.float32
-    assert_loss_close(loss, want, eager32=eager)
-    for name, value in want_stats.items():
-        assert_loss_close(getattr(stats, name).reshape(1), torch.tensor([value]), what=name,
-                          eager32=torch.tensor([eager_stats[name]]))
-    assert g.shape == s.shape
-    scale_l = logprob_scale(s, other, temperature=kw["temperature"])
-    count = int((tokens != -100).sum()) if kw["reduction"] == "mean" else 1
-    p_s = torch.softmax(s.double() / kw["temperature"], dim=-1).nan_to_num(0.0)
-    unit = p_s * (1.0 if w is None else float(w.abs().max())) * \
-        (1.0 if grad_out is None else float(grad_out.abs().max())) / \
-        (max(count, 1) * kw["temperature"])
-    assert_grad_close(g, g_want, s.dtype, g_eager, scale_l=scale_l, unit=unit)
+    assert_kernel_matches_oracle(
+        loss, stats, g, s, oracle(s, other, tokens, verifier, **okw),
+        oracle(s, other, tokens, verifier, dtype=torch.float32, **okw), teacher=(other,),
+        tokens=tokens, temperature=kw["temperature"], reduction=kw["reduction"],
+        weights=okw["weights"], grad_out=okw["grad_out"])
 
 
 @pytest.mark.filterwarnings("ignore:verifier. a float tensor")

@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from sgopd_kernels._options import Divergence  # noqa: E402
-from sgopd_kernels.triton import logits, parallel, sampled  # noqa: E402
+from sgopd_kernels.triton import logits, parallel, sampled, topk  # noqa: E402
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 
@@ -97,6 +97,51 @@ def specializations():
         const = dict(STRIDED_V=False, BLOCK_V=sampled.BWD_BLOCK_V)
         yield (f"sampled_bwd {dt}", sampled._sampled_bwd_kernel, names, types, const,
                sampled.NUM_WARPS)
+
+    yield from topk_specializations()
+
+
+def topk_specializations():
+    """The top-k kernels (sgopd_kernels/triton/topk.py) at k = 20 and 64 (BLOCK_K 32, 64)."""
+    i, f = "i32", "fp32"
+    strides = ["s_d1", "s_st0", "s_st1", "s_stv"]
+    stride_types = [i, "i64", "i64", i]
+    for dt, ttl, strided, block_k in itertools.product(("bf16", "fp32"), (False, True),
+                                                       (False, True), (32, 64)):
+        p = DTYPES[dt]
+        yield (f"topk_stream {dt} ttl={ttl} strided={strided} block_k={block_k}",
+               topk._topk_stream_kernel,
+               ["S", "IDS", "SORTED", "TOK", "ZK", "ST", "V", "start", "K", "K1"] + strides
+               + ["scale2", "ignore_index"],
+               [p, "*i64", "*i64", "*i64", "*fp32", "*fp32", i, "i64", i, i] + stride_types
+               + [f, "i64"],
+               dict(HAS_TTL=ttl, STRIDED_V=strided, BLOCK_V=topk.FWD_BLOCK_V, BLOCK_K=block_k),
+               topk.FWD_WARPS)
+    for gate, ttl, div, block_k in itertools.product((False, True), (False, True),
+                                                     tuple(Divergence), (32, 64)):
+        yield (f"topk_rows gate={gate} ttl={ttl} {div.label} block_k={block_k}",
+               topk._topk_rows_kernel,
+               ["IDS", "TLP", "TTL", "TOK", "SIG", "ZK", "ST", "OUT", "VG", "K", "scale2", "beta",
+                "lam_pos", "lam_neg", "jsd_beta", "tail_floor", "ignore_index"],
+               ["*i64", "*fp32", "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", i, i,
+                f, f, f, f, f, f, "i64"],
+               dict(HAS_GATE=gate, HAS_TTL=ttl, DIVERGENCE=int(div), BLOCK_K=block_k,
+                    DUP_K=topk.DUP_K), topk.ROW_WARPS)
+    for dt, strided in itertools.product(("bf16", "fp32"), (False, True)):
+        p = DTYPES[dt]
+        yield (f"topk_bwd {dt} strided={strided}", topk._topk_bwd_kernel,
+               ["S", "TOK", "ROWS", "GROW", "DS", "V"] + strides
+               + ["scale2", "inv_temp", "ignore_index"],
+               [p, "*i64", "*fp32", "*fp32", p, i] + stride_types + [f, f, "i64"],
+               dict(STRIDED_V=strided, BLOCK_V=topk.BWD_BLOCK_V), topk.BWD_WARPS)
+    for dt, ttl, div in itertools.product(("bf16", "fp32"), (False, True), tuple(Divergence)):
+        p = DTYPES[dt]
+        yield (f"topk_bwd_slots {dt} ttl={ttl} {div.label}", topk._topk_bwd_slots_kernel,
+               ["S", "IDS", "TLP", "TTL", "TOK", "ROWS", "GROW", "DS", "V", "start", "K"] + strides
+               + ["scale2", "inv_temp", "jsd_beta", "ignore_index"],
+               [p, "*i64", "*fp32", "*fp32", "*i64", "*fp32", "*fp32", p, i, "i64", i]
+               + stride_types + [f, f, f, "i64"],
+               dict(HAS_TTL=ttl, DIVERGENCE=int(div), BLOCK_K=64), topk.ROW_WARPS)
 
 
 def resources(cubin: bytes) -> str:

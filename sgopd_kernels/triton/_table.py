@@ -40,3 +40,15 @@ S_REF = tl.constexpr(R.PRIVATE["sampled"])   # the row max of the raw student lo
 S_LOG2Z = tl.constexpr(R.PRIVATE["sampled"] + 1)  # log2 sum 2^((z_S - S_REF) scale2)
 
 assert LOG2Z_Q.value < R.WIDTH["logits"] and S_LOG2Z.value < R.WIDTH["sampled"]
+
+# the top-k family: its width, and the columns private to the Triton backend
+TOPK_K = tl.constexpr(R.WIDTH["topk"])
+_Q = R.PRIVATE["topk"]
+K_REF = tl.constexpr(_Q)          # the fixed reference of the raw student logits
+K_LOG2Z = tl.constexpr(_Q + 1)    # log2 sum 2^((z_S - K_REF) scale2) over the vocabulary
+K_TAIL_COEF = tl.constexpr(_Q + 2)  # alpha of the tail: G_tail - sum_c P_S(c) G_c
+K_TAIL_LOG2 = tl.constexpr(_Q + 3)  # log2 |alpha| (alpha may lie outside float32's range)
+K_G_MEAN = tl.constexpr(_Q + 4)   # sum_c P_S(c) G_c
+K_LOG_ZQ = tl.constexpr(_Q + 5)   # log Z_q of the bridge over the categories (natural)
+
+assert K_LOG_ZQ.value < R.WIDTH["topk"]
