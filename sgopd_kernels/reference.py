@@ -352,14 +352,16 @@ def topk_membership(ids, tokens, has_token_logprobs: bool, ignore_index: int):
 def topk_teacher_categories(tlp, ttl, present, own, tail_floor: float):
     """The teacher's category log-probabilities (R, K + 2): lp_T at the used slots and at y's
     own category, and log max(1 - sum, tail_floor) for the tail, with log(1 - sum) formed
-    from logsumexp without cancelling (:func:`log1mexp`)."""
+    from a float64 logsumexp without cancelling (:func:`log1mexp`)."""
     lt_k = torch.where(present, tlp, torch.full_like(tlp, NEG_INF))
     lt_y = torch.full_like(tlp[:, 0], NEG_INF) if ttl is None else \
         torch.where(own, ttl, torch.full_like(ttl, NEG_INF))
-    held = logsumexp_or_empty(torch.cat([lt_k, lt_y.unsqueeze(-1)], -1))
+    # in float64 whatever the inputs' dtype: a float32 logsumexp near 0 carries an absolute
+    # error of about 1e-7, which is all of a tail of 1e-7 (O(rows k) work)
+    held = logsumexp_or_empty(torch.cat([lt_k, lt_y.unsqueeze(-1)], -1).double())
     tail = torch.maximum(log1mexp(held), torch.full_like(held, math.log(tail_floor)
                                                          if tail_floor > 0 else NEG_INF))
-    return torch.cat([lt_k, lt_y.unsqueeze(-1), tail.unsqueeze(-1)], -1)
+    return torch.cat([lt_k, lt_y.unsqueeze(-1), tail.to(lt_k.dtype).unsqueeze(-1)], -1)
 
 
 def topk_student_categories(lp_s, ids, tokens, present, own):
@@ -479,6 +481,13 @@ def topk_scatter_grad(lp_s, tail_alpha, cols, values, opts: RowOptions):
     return grad[:, :vocab] / opts.temperature
 
 
+# The top-k reference computes in float64 whatever the inputs' dtype: a student tail far
+# below its row's mass (p_S of a token 100 nats below the max) and the gradient there (p_v
+# times a coefficient of the order of 1 / P_S(tail)) underflow and overflow float32, and the
+# teacher's tail 1 - sum of its top-k cancels in float32. Its tables are in the inputs' dtype.
+TOPK_DTYPE = torch.float64
+
+
 def _topk_others(tlp, ttl):
     return (tlp,) if ttl is None else (tlp, ttl)
 
@@ -490,8 +499,9 @@ def topk_rows(student, ids, tlp, ttl, tokens, sign, opts: RowOptions) -> torch.T
     n, vocab = student.shape
     check_tokens(tokens, vocab, ignore_index=opts.ignore_index)
     check_topk_ids(ids, tokens, vocab, opts.ignore_index)
-    cdt = _compute_dtype(student, *_topk_others(tlp, ttl))
-    out = torch.zeros(n, C.WIDTH["topk"], dtype=cdt, device=student.device)
+    cdt = TOPK_DTYPE
+    out = torch.zeros(n, C.WIDTH["topk"], dtype=_compute_dtype(student, *_topk_others(tlp, ttl)),
+                      device=student.device)
     columns = {**C.SHARED, **C.FAMILY["topk"]}
     for sl in _chunks(n, vocab):
         r = topk_terms(student[sl].to(cdt), ids[sl], tlp[sl].to(cdt),
@@ -507,7 +517,7 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts: Ro
     shape = student.shape
     student = _as_rows(student)
     n, vocab = student.shape
-    cdt = _compute_dtype(student, *_topk_others(tlp, ttl))
+    cdt = TOPK_DTYPE
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     valid = tokens != opts.ignore_index
     for sl in _chunks(n, vocab):

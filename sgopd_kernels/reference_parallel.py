@@ -17,8 +17,8 @@ import torch.distributed as dist
 from . import _rows as C
 from ._options import Divergence
 from .parallel import all_reduce, check_shards, finite, log_total, shard_start
-from .reference import (_as_rows, _chunks, _compute_dtype, _xmul, bridge_logits, check_tokens,
-                        check_topk_ids, divergence_rows, gate_lambda, log_mixture,
+from .reference import (TOPK_DTYPE, _as_rows, _chunks, _compute_dtype, _xmul, bridge_logits,
+                        check_tokens, check_topk_ids, divergence_rows, gate_lambda, log_mixture,
                         opd_grad_logprobs, sampled_delta, topk_bridge, topk_grad_coefficients,
                         topk_membership, topk_scatter_grad, topk_single_token_terms,
                         topk_teacher_categories)
@@ -237,7 +237,9 @@ def topk_rows_parallel(student, ids, tlp, ttl, tokens, sign, opts, group):
     s = _as_rows(student)
     n, vl = s.shape
     k = ids.shape[-1]
-    cdt = _compute_dtype(s, *(x for x in (tlp, ttl) if x is not None))
+    # float64 as the single-device reference, the table too: its tail coefficient (of the
+    # order of 1 / P_S(tail) for forward KL) would overflow float32
+    cdt = TOPK_DTYPE
     valid = tokens != opts.ignore_index
     start = shard_start(vl, group)
     present, own, cat_y = topk_membership(ids, tokens, ttl is not None, opts.ignore_index)
@@ -251,27 +253,32 @@ def topk_rows_parallel(student, ids, tlp, ttl, tokens, sign, opts, group):
             out[sl] = fn(sl, s[sl].to(cdt) / opts.temperature)
         return out
 
-    # round 1: the student's row maximum
-    m = finite(all_reduce(chunks(lambda sl, zs: zs.amax(-1, keepdim=True), 1),
-                          dist.ReduceOp.MAX, group)[:, 0])
+    def outside(sl, zs):
+        """This shard's logits outside the categories (-inf at the categories)."""
+        keep = torch.ones(zs.shape[0], vl + 1, dtype=torch.bool, device=s.device)
+        keep.scatter_(-1, cols[sl], False)
+        return torch.where(keep[:, :vl], zs, NEG_INF)
+
+    # round 1: the student's row maximum, and its maximum outside the categories (the tail
+    # is summed against its own maximum: a tail far below the row's mass does not underflow)
+    m2 = all_reduce(chunks(lambda sl, zs: torch.stack(
+        [zs.amax(-1), outside(sl, zs).amax(-1)], -1), 2), dist.ReduceOp.MAX, group)
+    m, m_tail = finite(m2[:, 0]), finite(m2[:, 1])
 
     # round 2: its normalizer, entropy sum and tail (the sum over the tokens outside the
     # categories), and its logits at the categories from their holders (0 from the others)
     def sums(sl, zs):
         zc = zs - m[sl, None]
         e = zc.exp()
-        outside = torch.ones(zs.shape[0], vl + 1, dtype=torch.bool, device=s.device)
-        outside.scatter_(-1, cols[sl], False)
+        tail = (outside(sl, zs) - m_tail[sl, None]).exp().sum(-1)
         at = torch.cat([zs, torch.zeros_like(zs[:, :1])], -1).gather(-1, cols[sl])
-        return torch.cat([torch.stack([e.sum(-1), _xmul(e, zc).sum(-1),
-                                       torch.where(outside[:, :vl], e, 0.0).sum(-1)], -1),
-                          at], -1)
+        return torch.cat([torch.stack([e.sum(-1), _xmul(e, zc).sum(-1), tail], -1), at], -1)
     r2 = all_reduce(chunks(sums, 3 + k + 1), dist.ReduceOp.SUM, group)
     lse = log_total(m, r2[:, 0])
     neg = torch.full_like(r2[:, 3:], NEG_INF)
     cat_s = torch.cat([torch.where(torch.cat([present, own.unsqueeze(-1)], -1),
                                    r2[:, 3:] - lse[:, None], neg),
-                       (m + r2[:, 2].log() - lse).unsqueeze(-1)], -1)  # (-inf: no tail)
+                       (m_tail + r2[:, 2].log() - lse).unsqueeze(-1)], -1)  # (-inf: no tail)
     cat_t = topk_teacher_categories(tlp.to(cdt), None if ttl is None else ttl.to(cdt), present,
                                     own, opts.tail_floor)
     delta, g, a, b, x, log_z_q = topk_bridge(cat_s, cat_t, cat_y,
@@ -300,7 +307,7 @@ def topk_rows_parallel_backward(grad_rows, student, ids, tlp, ttl, tokens, rows,
     shape = student.shape
     s = _as_rows(student)
     n, vl = s.shape
-    cdt = _compute_dtype(s, *(x for x in (tlp, ttl) if x is not None))
+    cdt = TOPK_DTYPE
     present, own, _ = topk_membership(ids, tokens, ttl is not None, opts.ignore_index)
     start = shard_start(vl, group)
     _, col_k = _held(torch.where(present, ids, -1), start, vl)
