@@ -210,6 +210,28 @@ def test_a_maximum_far_above_the_reference_reads_the_row_again(divergence, small
     assert_grad_close(g, g_want, torch.float32, g_eager)
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+def test_a_maximum_far_below_a_reference_of_zero_reads_the_row_again(divergence, small_blocks):
+    """A first block and categories all -inf leave a reference of 0: logits near -1000 past
+    the first block would underflow against it, so the row is read again from its maximum."""
+    gen = torch.Generator().manual_seed(5)
+    s = -1000.0 + torch.randn(3, 200, generator=gen)
+    s[:, :64] = -math.inf
+    ids = torch.stack([torch.randperm(64, generator=gen)[:4] for _ in range(3)])
+    tlp = torch.log_softmax(torch.randn(3, 200, generator=gen), -1).gather(-1, ids)
+    y = torch.tensor([100, 150, 199])
+    kw = dict(divergence=divergence, beta=0.2, reduction="sum")
+    x = s.to(DEV).requires_grad_(True)
+    loss = sk.topk_opd_loss(x, ids.to(DEV), tlp.to(DEV), y.to(DEV), torch.ones(3, device=DEV),
+                            backend="triton", **kw)
+    (g,) = torch.autograd.grad(loss, x)
+    want, _, g_want = oracle_topk(s, ids, tlp, None, y, torch.ones(3), **kw)
+    _, _, g_eager = oracle_topk(s, ids, tlp, None, y, torch.ones(3), dtype=torch.float32, **kw)
+    assert torch.isfinite(want)
+    assert_loss_close(loss.reshape(1), want.reshape(1))
+    assert_grad_close(g, g_want, torch.float32, g_eager)
+
+
 def test_bad_ids_make_their_rows_nan_without_a_read_out_of_bounds():
     gen = torch.Generator().manual_seed(4)
     s = torch.randn(5, 50, generator=gen)

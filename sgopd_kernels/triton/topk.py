@@ -152,7 +152,7 @@ def _topk_stream_kernel(
     BLOCK_K: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
-    FAR: tl.constexpr = 64.0  # base-2 units above the reference
+    FAR: tl.constexpr = 64.0  # base-2 units from the reference
     row = tl.program_id(0).to(tl.int64)
     s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
     y, valid, _ = _row_token(TOK, row, V, ignore_index)
@@ -190,8 +190,10 @@ def _topk_stream_kernel(
     mx, acc, ent, cnt = _stream_range(s_row, BLOCK_V, n_cols, V, s_stv, r, scale2, mx, acc,
                                       ent, cnt, STRIDED_V, BLOCK_V)
     m = tl.max(mx, 0)
-    # a maximum far above the reference would overflow the sums: read again from it
-    far = (m - r) * scale2 > FAR
+    # a maximum far above the reference would overflow the sums, one far below it (the
+    # reference was 0 for a first block and categories all -inf) underflow them: read again
+    # from it
+    far = (m > NEG_INF) & (tl.abs(m - r) * scale2 > FAR)
     r = tl.where(far, m, r)
     acc = tl.where(far, 0.0, acc)
     ent = tl.where(far, 0.0, ent)
