@@ -399,6 +399,14 @@ def finish(loss: Tensor, table: Tensor, rows: Rows, options: LossOptions):
     return loss, statistics(table, rows.tokens, options.rows.ignore_index)
 
 
+def raise_no_graph_of_gradient(what: str, instead: str) -> None:
+    """A gradient written in forward has no graph: refuse create_graph=True rather than give
+    a second derivative of zero."""
+    raise RuntimeError(f"sgopd_kernels: {what} writes the loss's gradient in forward, so it has "
+                       "no graph for a second derivative (backward with create_graph=True); "
+                       f"{instead}")
+
+
 class _StoredGradient(torch.autograd.Function):
     """A backend that writes the gradient in forward: backward only scales it by the incoming
     gradient (a scalar for "mean"/"sum", one per position for "none") on the device."""
@@ -430,6 +438,9 @@ class _StoredGradient(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is None:
             return (None,) * 8
+        if torch.is_grad_enabled():
+            raise_no_graph_of_gradient(f"backend={ctx.backend!r}",
+                                       "the losses are not twice differentiable on any backend")
         g = grad_loss if ctx.lead is None else grad_loss.reshape(ctx.lead + (1,))
         _ops.scale_grad_(grad, g.to(torch.float32), ctx.backend)
         return (grad,) + (None,) * 7
@@ -674,12 +685,14 @@ def check_topk_teacher(ids, logprobs, token_logprobs, lead: tuple, device: torch
             logprobs.detach().reshape(-1, k).contiguous(), ttl)
 
 
-def topk_dtype(dtype: torch.dtype, logprobs: Tensor, token_logprobs: Optional[Tensor]):
-    """The dtype a top-k call is dispatched on: the student's, promoted with the teacher's."""
-    for x in (logprobs, token_logprobs):
-        if x is not None:
-            dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
+def topk_teacher_in(dtype: torch.dtype, teacher: tuple) -> tuple:
+    """The top-k teacher (ids, logprobs, token logprobs) with its log-probabilities in float32,
+    or float64 beside a float64 student. The student's dtype alone chooses the backend: the
+    teacher side is O(rows k), and a float64 engine output must not send bfloat16 logits to
+    the float64 reference."""
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    ids, lp, ttl = teacher
+    return ids, lp.to(want), None if ttl is None else ttl.to(want)
 
 
 def topk_opd_loss(
@@ -760,8 +773,8 @@ def topk_opd_loss(
     rows = check_rows(student_logits, tokens, verifier, weights, num_items_in_batch, options)
     teacher = check_topk_teacher(teacher_topk_ids, teacher_topk_logprobs, teacher_token_logprobs,
                                  rows.lead, student_logits.device)
-    return run_family("topk", student_logits, teacher, rows, options,
-                      topk_dtype(student_logits.dtype, teacher[1], teacher[2]))
+    return run_family("topk", student_logits, topk_teacher_in(student_logits.dtype, teacher),
+                      rows, options, student_logits.dtype)
 
 
 class GatedOPDLoss(torch.nn.Module):

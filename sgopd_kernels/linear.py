@@ -155,6 +155,7 @@ class _FusedLinear(torch.autograd.Function):
         loss = _api.reduce_loss(table, rows, options.reduction, o.ignore_index)
         ctx.mark_non_differentiable(table)
         ctx.store = store
+        ctx.reduction = options.reduction
         ctx.consumed = False
         ctx.grad_enabled = grad_enabled
         ctx.bias_dtype = None if bs is None else bs.dtype
@@ -177,6 +178,10 @@ class _FusedLinear(torch.autograd.Function):
                     "gradients are computed in the forward and scaled in place once. Call the "
                     "loss again, or use reduction='none' and reduce it yourself.")
             ctx.consumed = True
+            if torch.is_grad_enabled():
+                _api.raise_no_graph_of_gradient(
+                    f"the fused_linear loss with reduction={ctx.reduction!r}",
+                    "the losses are not twice differentiable")
             out = [None if x is None else _scale_(x, grad_loss) for x in ctx.saved_tensors]
             if out[2] is not None:
                 out[2] = out[2].to(ctx.bias_dtype)
@@ -307,8 +312,9 @@ def fused_linear_loss(family: str, student_hidden: Tensor, student_weight: Tenso
     """The fused-linear form of a family's loss, validated up to the teacher side.
 
     ``teacher(sl)`` gives the family's teacher tensors for rows ``sl`` of the flattened
-    positions; ``vocab_dtype`` is the dtype the teacher side brings (its products', or its
-    log-probabilities'), for the backend choice.
+    positions; ``vocab_dtype`` is the dtype the teacher side brings (its products'), for the
+    backend choice, or None where it brings none (a top-k teacher's O(rows k) log-probabilities
+    come in the products' precision).
     """
     device = student_hidden.device
     lead = student_hidden.shape[:-1]
@@ -317,7 +323,8 @@ def fused_linear_loss(family: str, student_hidden: Tensor, student_weight: Tenso
                            options, of="student_hidden", lead=lead)
     dtype = _product_dtype(device, student_hidden, student_weight, student_bias)
     backend = _dispatch.resolve(options.backend, device,
-                                torch.promote_types(dtype, vocab_dtype), family=family,
+                                dtype if vocab_dtype is None
+                                else torch.promote_types(dtype, vocab_dtype), family=family,
                                 divergence=options.rows.divergence,
                                 dtype_of="the hidden states and heads (their products)")
     head = Head.of(student_weight, student_bias, scale, softcap, dtype)
@@ -470,11 +477,12 @@ def fused_linear_topk_opd_loss(
     scale, cap = check_head("student", student_hidden, student_weight, student_bias, device,
                             student_logit_scale, student_softcap)
     _check_chunk(chunk_size)
-    ids, tlp, ttl = _api.check_topk_teacher(teacher_topk_ids, teacher_topk_logprobs,
-                                            teacher_token_logprobs, student_hidden.shape[:-1],
-                                            device, of="student_hidden")
+    ids, tlp, ttl = _api.topk_teacher_in(
+        _product_dtype(device, student_hidden, student_weight, student_bias),
+        _api.check_topk_teacher(teacher_topk_ids, teacher_topk_logprobs, teacher_token_logprobs,
+                                student_hidden.shape[:-1], device, of="student_hidden"))
     return fused_linear_loss(
         "topk", student_hidden, student_weight, student_bias,
         lambda sl: (ids[sl], tlp[sl], None if ttl is None else ttl[sl]), tokens, verifier,
         weights, num_items_in_batch, options, chunk_size=chunk_size, scale=scale, softcap=cap,
-        vocab_dtype=_api.topk_dtype(tlp.dtype, tlp, ttl))
+        vocab_dtype=None)

@@ -446,3 +446,35 @@ def test_vocab_parallel_matches_single_process(world, backend):
 def test_resolve_backend_knows_the_family():
     assert sk.resolve_backend("auto", torch.zeros(1), family="topk", divergence="jsd") == "torch"
     assert sk.resolve_backend("torch", torch.zeros(1), family="topk", parallel=True) == "torch"
+
+
+@needs_triton
+def test_float64_teacher_logprobs_do_not_choose_the_backend():
+    """The student's dtype chooses the backend: a float64 teacher side (O(rows k)) beside
+    bfloat16 logits runs the kernels (it named the wrong argument before), and gives what
+    float32 teacher log-probabilities give."""
+    s, _, ids, tlp, tokens, _ = _inputs(dtype=torch.float32)
+    s, ids, tokens = (x.to(TRITON_DEVICE) for x in (s.to(torch.bfloat16), ids, tokens))
+    got = sk.topk_opd_loss(s, ids, tlp.double().to(TRITON_DEVICE), tokens, backend="triton")
+    want = sk.topk_opd_loss(s, ids, tlp.to(TRITON_DEVICE), tokens, backend="triton")
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 8, generator=gen).to(torch.bfloat16).to(TRITON_DEVICE)
+    w = torch.randn(40, 8, generator=gen).to(torch.bfloat16).to(TRITON_DEVICE)
+    flat = (ids.reshape(6, -1), tlp.reshape(6, -1).to(TRITON_DEVICE), tokens.reshape(6))
+    got = sk.fused_linear_topk_opd_loss(h, w, flat[0], flat[1].double(), flat[2],
+                                        backend="triton")
+    want = sk.fused_linear_topk_opd_loss(h, w, *flat, backend="triton")
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_the_readme_engine_example_runs_and_gives_a_finite_loss():
+    """The README's code for a teacher behind vLLM or SGLang, run as written."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = text.split("## A teacher behind vLLM or SGLang", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert torch.isfinite(scope["loss"]) and scope["student_logits"].grad is not None
+    assert scope["ids"].tolist() == [[11, 7], [5, 2], [3, 8]]
+    assert scope["token_logprobs"].tolist() == pytest.approx([-0.1, -4.0, -0.05])
