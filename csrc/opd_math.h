@@ -615,10 +615,13 @@ OPD_HD float grad_jsd(float s, float t, const RowState& r, float pi, float scale
 
 // The row's scale for grad_*: coef / temperature (and ln 2 for reverse KL, whose w is
 // base 2); NaN for a row whose loss is NaN or that has no target (an empty joint
-// support: the reference's softmax over no entries is NaN too).
+// support: the reference's softmax over no entries is NaN too), except where reverse KL
+// and JSD weigh every entry by p_S and the student has no support: p_S = 0 gives 0.
 OPD_HD float grad_scale(const RowState& r, float coef, const Params& p) {
   float sc = coef * p.inv_temp * (p.divergence == REVERSE_KL ? LN2 : 1.0f);
-  return (is_nan(r.loss) || r.empty) ? f_nan() : sc;
+  if (is_nan(r.loss)) return f_nan();
+  if (r.empty && !(r.ls == f_inf() && p.divergence != FORWARD_KL)) return f_nan();
+  return sc;
 }
 
 OPD_HD float grad_elem(float s, float t, const RowState& r, float scale, const Params& p) {

@@ -527,7 +527,9 @@ Plan plan_for(int64_t V, int s_dtype, int t_dtype, int device) {
   // two blocks per multiprocessor when that is possible
   const int64_t target = limit / 2 - (int64_t)sizeof(Scratch) - 1024;
   return plan_rows(V, elt_bytes(s_dtype), t_dtype < 0 ? 0 : elt_bytes(t_dtype), limit, target,
-                   d.major >= 9 ? MAX_CLUSTER : 1);
+                   // clusters only where the sm_90a code runs: a newer GPU JITs the
+                   // compute_80 PTX, which holds the one-block form of the kernels
+                   d.major == 9 ? MAX_CLUSTER : 1);
 }
 
 static OpdArgs make_args(const Rows& s, const Rows* t, int64_t n, int64_t V, const int64_t* tok,
