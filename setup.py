@@ -102,10 +102,28 @@ class BuildExt(build_ext):
     falls back to CPU-only, then to no extension, unless told to fail."""
 
     def build_extensions(self):
-        if getattr(self.compiler, "compiler_so", None):  # drop -g and friends of the Python build
-            self.compiler.compiler_so = [f for f in self.compiler.compiler_so
-                                         if f not in ("-g", "-O2", "-Wall", "-DNDEBUG")]
-        super().build_extensions()
+        # drop -g and friends of the Python build (newer setuptools compile and link C++
+        # through the *_cxx commands)
+        for name in ("compiler_so", "compiler_so_cxx", "linker_so", "linker_so_cxx"):
+            if getattr(self.compiler, name, None):
+                setattr(self.compiler, name, [f for f in getattr(self.compiler, name)
+                                              if f not in ("-g", "-O2", "-Wall", "-DNDEBUG")])
+        def run(cmd, env=None, **kw):  # the compiler's output travels in the error (for
+            # _first_error) instead of scrolling past
+            proc = subprocess.run([os.fspath(c) for c in cmd], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stdout or f"{cmd[0]} failed ({proc.returncode})")
+
+        # setuptools runs the compiler through .call (newer) or .spawn (older)
+        names = [n for n in ("call", "spawn") if hasattr(self.compiler, n)]
+        for n in names:
+            setattr(self.compiler, n, run)
+        try:
+            super().build_extensions()
+        finally:
+            for n in names:
+                self.compiler.__dict__.pop(n, None)
 
     def build_extension(self, ext):
         cuda = not _flag("SGOPD_NO_CUDA") and os.path.exists(os.path.join(ROOT, CUDA_SOURCE))
@@ -189,7 +207,7 @@ def extensions():
     return [Extension("sgopd_kernels._C", sources=CPU_SOURCES, depends=depends,
                       include_dirs=[pybind11.get_include(), os.path.join(ROOT, "csrc")],
                       extra_compile_args=CXX_FLAGS, extra_link_args=["-pthread"],
-                      language="c++")]
+                      language="c++", optional=True)]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

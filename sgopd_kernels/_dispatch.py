@@ -91,7 +91,8 @@ def _compiled_unavailable(device_type: str) -> Optional[str]:
                 f"({info['error']}); reinstall with a C++ compiler (and nvcc for CUDA)")
     if device_type == "cuda":
         return ("the compiled kernels were built without their CUDA part (no nvcc at build "
-                "time, or SGOPD_NO_CUDA=1), or no CUDA device is present")
+                "time, or SGOPD_NO_CUDA=1), or no CUDA device of compute capability 8.0 or "
+                "newer is present")
     return f"the compiled kernels run on CPU and CUDA tensors, got tensors on {device_type}"
 
 

@@ -65,6 +65,20 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _cuda_devices = None
 
 
+# The module holds sm_90a and sm_80 code and compute_80 PTX: it runs on compute capability 8.0
+# and newer (a newer GPU than 9.0 JITs the PTX, without clusters).
+MIN_CAPABILITY = 8
+
+
+def _usable_cuda_devices() -> int:
+    """The number of CUDA devices, or 0 when one of them is older than the module's code."""
+    count = int(_C.cuda_device_count())
+    if count and torch.cuda.is_available():
+        if any(torch.cuda.get_device_capability(i)[0] < MIN_CAPABILITY for i in range(count)):
+            return 0
+    return count
+
+
 def available(device_type: str) -> bool:
     """Whether the compiled kernels for ``"cpu"`` or ``"cuda"`` tensors are built and can run."""
     global _cuda_devices
@@ -76,7 +90,7 @@ def available(device_type: str) -> bool:
         if not _C.has_cuda:
             return False
         if _cuda_devices is None:
-            _cuda_devices = int(_C.cuda_device_count())
+            _cuda_devices = _usable_cuda_devices()
         return _cuda_devices > 0
     return False
 

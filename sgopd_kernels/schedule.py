@@ -1,4 +1,4 @@
-"""Schedules (SPEC §2, §8): Veto's bridge exponent, and phased teacher sampling at cold start.
+"""Schedules (README, "Options"): Veto's bridge exponent, and phased teacher sampling at cold start.
 
 :func:`beta_schedule` gives Veto's beta at a step: constant, or decayed from ``beta0``
 to 0 (linearly or as a cosine), as Veto decays it over training.

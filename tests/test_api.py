@@ -463,6 +463,43 @@ def test_no_double_backward():
         torch.autograd.grad((g * torch.randn_like(g)).sum(), x)
 
 
+def test_a_gradient_written_in_forward_refuses_create_graph():
+    """A backend that writes the gradient in forward, and the fused-linear loss with "mean" or
+    "sum", have no graph of their gradient: create_graph=True raises instead of giving a
+    second derivative of zero."""
+    from sgopd_kernels import compiled
+
+    s, t, y = _inputs()
+    if compiled.available("cpu"):
+        x = s.clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(sk.gated_opd_loss(x, t, y, backend="cpu"), x, create_graph=True)
+        (g,) = torch.autograd.grad(sk.gated_opd_loss(x, t, y, backend="cpu"), x)  # without it
+        assert torch.isfinite(g).all()
+    h = torch.randn(6, 8, requires_grad=True)
+    w, wt = torch.randn(40, 8), torch.randn(40, 8)
+    loss = sk.fused_linear_gated_opd_loss(h, w, torch.randn(6, 8), wt, y.reshape(-1)[:6])
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
+def test_compiled_cuda_needs_compute_capability_8(monkeypatch):
+    """The module holds sm_90a, sm_80 and compute_80 PTX: an older GPU is not offered to
+    "auto" (the Triton path takes it), a newer one JITs the PTX."""
+    import types
+
+    from sgopd_kernels import compiled
+
+    fake = types.SimpleNamespace(has_cuda=True, cuda_device_count=lambda: 2)
+    monkeypatch.setattr(compiled, "_C", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for caps, usable in (([(9, 0), (9, 0)], True), ([(8, 6), (12, 0)], True),
+                         ([(9, 0), (7, 5)], False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, c=caps: c[i])
+        monkeypatch.setattr(compiled, "_cuda_devices", None)
+        assert compiled.available("cuda") is usable
+
+
 def test_compiled_backend_not_built_raises(monkeypatch):
     from sgopd_kernels import compiled
 
