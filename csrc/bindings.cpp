@@ -134,6 +134,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("nthreads"));
 
   m.def(
+      "cpu_topk_stream",
+      [](RowsT s, int64_t n, int64_t V, uintptr_t cols, int64_t J, double inv_temp,
+         uintptr_t tok, int64_t ignore_index, uintptr_t out, int nthreads) {
+        opd::Rows rs = rows_of(s, "student");
+        py::gil_scoped_release nogil;
+        opd::cpu::topk_stream(rs, n, V, ptr<const int64_t>(cols), J, inv_temp,
+                              ptr<const int64_t>(tok), ignore_index, ptr<double>(out), nthreads);
+      },
+      py::arg("student"), py::arg("n"), py::arg("V"), py::arg("cols"), py::arg("J"),
+      py::arg("inv_temp"), py::arg("tokens"), py::arg("ignore_index"), py::arg("out"),
+      py::arg("nthreads"));
+  m.attr("TOPK_STREAM_K") = opd::cpu::TOPK_STREAM_K;
+
+  m.def(
+      "cpu_topk_backward",
+      [](RowsT s, int64_t n, int64_t V, uintptr_t cols, int64_t J, uintptr_t values,
+         uintptr_t rowinfo, double inv_temp, uintptr_t tok, int64_t ignore_index, uintptr_t grad,
+         int grad_dtype, int nthreads) {
+        opd::Rows rs = rows_of(s, "student");
+        check_dtype(grad_dtype, "grad");
+        py::gil_scoped_release nogil;
+        opd::cpu::topk_backward(rs, n, V, ptr<const int64_t>(cols), J,
+                                ptr<const double>(values), ptr<const double>(rowinfo), inv_temp,
+                                ptr<const int64_t>(tok), ignore_index, ptr<void>(grad),
+                                grad_dtype, nthreads);
+      },
+      py::arg("student"), py::arg("n"), py::arg("V"), py::arg("cols"), py::arg("J"),
+      py::arg("values"), py::arg("rowinfo"), py::arg("inv_temp"), py::arg("tokens"),
+      py::arg("ignore_index"), py::arg("grad"), py::arg("grad_dtype"), py::arg("nthreads"));
+
+  m.def(
       "cpu_scale_grad",
       [](uintptr_t grad, int dtype, int64_t n, int64_t V, uintptr_t g, bool per_row,
          int nthreads) {

@@ -416,3 +416,127 @@ def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         _fn(dev, "scale_grad")(grad.data_ptr(), _DTYPE_CODE[grad.dtype], n, vocab,
                                gg.data_ptr(), bool(per_row), *_where(dev))
     return grad
+
+
+# ---------------------------------------------------------------------------
+# the top-k teacher (CPU): the passes over the student's row are compiled, the O(k) terms
+# of each row are the torch reference's, in float64, from the pass's sums
+
+T_LSE = _rows.PRIVATE["topk"]  # log Z_S of z / tau (natural), as float32 hi + lo
+T_TAIL = T_LSE + 2             # log P_S(tail) (natural; -inf: no tail), hi + lo
+assert T_TAIL + 1 < _rows.WIDTH["topk"]
+
+
+def _hi_lo(table, col, x):
+    """x (float64) into two float32 columns whose sum is x to about 1e-14 (lo is 0 where x is
+    not finite)."""
+    hi = x.to(torch.float32)
+    lo = torch.where(torch.isfinite(hi), x - hi.to(x.dtype), torch.zeros_like(x))
+    table[:, col], table[:, col + 1] = hi, lo.to(torch.float32)
+
+
+def _joined(table, col):
+    return table[:, col].double() + table[:, col + 1].double()
+
+
+def _topk_columns(student, ids, tokens, ttl, ignore_index):
+    """(cols (N, K + 1) with V for none, present, own, cat_y, bad rows): the categories' columns
+    of each row, and the rows whose ids (outside [0, V) or twice in a row) or token (outside
+    [0, V)) make them NaN, as in the other kernels (the torch path raises instead)."""
+    from .reference import topk_membership
+
+    vocab = student.shape[-1]
+    valid = tokens != ignore_index
+    ordered = ids.sort(-1).values
+    bad = (ids >= vocab).any(-1) | ((ordered[:, 1:] == ordered[:, :-1])
+                                    & (ordered[:, 1:] >= 0)).any(-1)
+    bad = valid & (bad | (tokens < 0) | (tokens >= vocab))
+    safe_ids = torch.where(bad.unsqueeze(-1) | (ids >= vocab), -1, ids)
+    safe_tok = torch.where(bad, ignore_index, tokens)  # (membership of a clean row)
+    present, own, cat_y = topk_membership(safe_ids, safe_tok, ttl is not None, ignore_index)
+    none = torch.full_like(tokens, vocab)
+    cols = torch.cat([torch.where(present, safe_ids, vocab),
+                      torch.where(own, tokens, none).unsqueeze(-1)], -1).contiguous()
+    return cols, present, own, cat_y, bad
+
+
+def _topk_call(student, tokens):
+    """The checks and arguments common to the top-k kernels: (the tensors to keep alive, the
+    leading shape, the tokens' pointer, the tokens flattened)."""
+    _check_logits("student_logits", student)
+    _require(student.device)
+    if student.device.type != "cpu":
+        raise NotImplementedError("the compiled top-k kernels run on CPU tensors only; use "
+                                  "backend='triton' for CUDA tensors")
+    keep: list = []
+    lead = student.shape[:-1]
+    tok = _tokens(tokens, lead, student.device, keep)
+    return keep, lead, tok, keep[-1]
+
+
+def topk_rows(student, ids, tlp, ttl, tokens, sign, opts) -> torch.Tensor:
+    """Forward of the top-k loss: the per-row table (N, WIDTH["topk"]), float32."""
+    from .reference_parallel import topk_terms_from_sums
+
+    keep, lead, tok, tokens = _topk_call(student, tokens)
+    n, k, vocab = tokens.numel(), ids.shape[-1], student.shape[-1]
+    table = torch.zeros(n, _rows.WIDTH["topk"], dtype=torch.float32)
+    if n == 0:
+        return table
+    cols, present, own, cat_y, bad = _topk_columns(student, ids, tokens, ttl, opts.ignore_index)
+    sums = torch.empty(n, _C.TOPK_STREAM_K + k + 1, dtype=torch.float64)
+    _C.cpu_topk_stream(_rows_arg(student.detach(), keep), n, vocab, cols.data_ptr(), k + 1,
+                       1.0 / float(opts.temperature), tok, int(opts.ignore_index),
+                       sums.data_ptr(), *_where(student.device))
+    valid = tokens != opts.ignore_index
+    t = topk_terms_from_sums(sums[:, 0], sums[:, 1], sums[:, 2:5], sums[:, 5:], present, own,
+                             cat_y, tlp, ttl, sign, valid, opts)
+    nan = torch.full_like(t["loss"], float("nan"))
+    for name, c in {**_rows.SHARED, **_rows.FAMILY["topk"]}.items():
+        table[:, c] = torch.where(bad, nan, t[name])
+    _hi_lo(table, T_LSE, t["lse"])
+    _hi_lo(table, T_TAIL, t["tail"])
+    return table
+
+
+def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts) -> torch.Tensor:
+    """``grad_rows[r] * d loss_r / d student_logits[r]`` from the table of the forward: the
+    categories' terms formed again (O(k), float64) from A, B, log Z_S and log P_S(tail), as
+    the torch reference forms them from A and B."""
+    from .reference import (TOPK_DTYPE, _xmul, bridge_logits, logsumexp_or_empty,
+                            topk_grad_coefficients, topk_log_abs_tail, topk_teacher_categories)
+
+    keep, lead, tok, tokens = _topk_call(student, tokens)
+    n, k, vocab = tokens.numel(), ids.shape[-1], student.shape[-1]
+    grad = torch.empty(student.shape, dtype=student.dtype)
+    _check_table(rows, n, _rows.WIDTH["topk"], student.device)
+    if n == 0:
+        return grad
+    cdt = TOPK_DTYPE
+    cols, present, own, _, bad = _topk_columns(student, ids, tokens, ttl, opts.ignore_index)
+    inv_t = 1.0 / float(opts.temperature)
+    held = torch.cat([present, own.unsqueeze(-1)], -1)
+    z_at = student.detach().gather(-1, torch.where(held, cols, 0).view(*lead, k + 1))
+    lse = _joined(rows, T_LSE)
+    ls = torch.where(held, z_at.reshape(n, k + 1).to(cdt) * inv_t - lse[:, None], -torch.inf)
+    cat_s = torch.cat([ls, _joined(rows, T_TAIL)[:, None]], -1)
+    cat_t = topk_teacher_categories(tlp.to(cdt), None if ttl is None else ttl.to(cdt), present,
+                                    own, opts.tail_floor)
+    x = bridge_logits(cat_s, cat_t, rows[:, _rows.A, None].to(cdt),
+                      rows[:, _rows.B, None].to(cdt))
+    alpha, beta, _ = topk_grad_coefficients(cat_s, x, logsumexp_or_empty(x).unsqueeze(-1), opts)
+    factor = grad_rows.reshape(-1).to(cdt) * inv_t
+    values = (_xmul(cat_s[:, :k + 1].exp(), alpha[:, :k + 1]) + beta[:, :k + 1]) \
+        * factor[:, None]
+    nan = torch.full_like(factor, float("nan"))
+    values = torch.where(bad.unsqueeze(-1), nan[:, None], values).contiguous()
+    log_tail, sign_tail = topk_log_abs_tail(cat_s, x, alpha[:, -1], opts)
+    info = torch.stack([log_tail + factor.abs().log() - lse, sign_tail * torch.sign(factor)],
+                       -1)
+    info = torch.where(bad.unsqueeze(-1) | info.isnan().any(-1, keepdim=True), nan[:, None],
+                       info).contiguous()
+    _C.cpu_topk_backward(_rows_arg(student.detach(), keep), n, vocab, cols.data_ptr(), k + 1,
+                         values.data_ptr(), info.data_ptr(), inv_t, tok,
+                         int(opts.ignore_index), grad.data_ptr(), _DTYPE_CODE[student.dtype],
+                         *_where(student.device))
+    return grad

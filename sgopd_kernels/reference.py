@@ -470,13 +470,31 @@ def topk_grad_coefficients(cat_s, x, log_z_q, opts: RowOptions):
     return torch.cat([g[:, :-1] - g_mean, tail], -1), beta, g_mean
 
 
-def topk_scatter_grad(lp_s, tail_alpha, cols, values, opts: RowOptions):
-    """The gradient (R, V): p_S times the tail's coefficient ``tail_alpha`` (R, 1) everywhere,
-    then ``values`` (R, J) (tau times the gradient) at ``cols`` (R, J), whose entries equal to
-    V are written nowhere."""
+def topk_log_abs_tail(cat_s, x, alpha_tail, opts):
+    """(log|alpha_tail|, its sign). Forward KL toward a tail the student nearly lacks has
+    alpha_tail = sum_{c != tail} Q_c - Q_tail P_S(others) / P_S(tail) far beyond float64's
+    range (a student tail of e^-10000) while p_v alpha_tail is not: its log is formed from
+    the logs of the two terms."""
+    if opts.divergence != Divergence.FORWARD_KL:
+        return alpha_tail.abs().log(), torch.sign(alpha_tail)
+    log_q = x - logsumexp_or_empty(x).unsqueeze(-1)
+    log_a = logsumexp_or_empty(log_q[:, :-1])
+    log_r = log_q[:, -1] + logsumexp_or_empty(cat_s[:, :-1]) - cat_s[:, -1]
+    big, small = torch.maximum(log_a, log_r), torch.minimum(log_a, log_r)
+    log_abs = torch.where(big == NEG_INF, big, big + log1mexp(small - big))
+    sign = torch.where(log_r > log_a, -1.0, 1.0).to(log_abs.dtype)
+    none = cat_s[:, -1] == NEG_INF  # no tail: alpha 0
+    return torch.where(none, NEG_INF, log_abs), torch.where(none, 0.0, sign).to(log_abs.dtype)
+
+
+def topk_scatter_grad(lp_s, log_tail, sign_tail, cols, values, opts: RowOptions):
+    """The gradient (R, V): p_S times the tail's coefficient (given as its log |.| and sign,
+    (R, 1) each: :func:`topk_log_abs_tail`) everywhere, then ``values`` (R, J) (tau times
+    the gradient) at ``cols`` (R, J), whose entries equal to V are written nowhere."""
     n, vocab = lp_s.shape
     grad = torch.empty(n, vocab + 1, dtype=lp_s.dtype, device=lp_s.device)  # (column V: a
-    grad[:, :vocab] = _xmul(lp_s.exp(), tail_alpha.expand_as(lp_s))        # spare to write)
+    tail = sign_tail * (lp_s + log_tail).exp()                              # spare to write)
+    grad[:, :vocab] = torch.where(lp_s == NEG_INF, torch.zeros_like(tail), tail)  # (0 log 0)
     grad.scatter_(-1, cols, values)
     return grad[:, :vocab] / opts.temperature
 
@@ -533,7 +551,8 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts: Ro
         k = ids.shape[-1]
         cols = torch.cat([torch.where(present, ids[sl], vocab),
                           torch.where(own, tokens[sl], vocab).unsqueeze(-1)], -1)
-        g = topk_scatter_grad(lp_s, alpha[:, -1:], cols,
+        log_tail, sign_tail = topk_log_abs_tail(cat_s, x, alpha[:, -1], opts)
+        g = topk_scatter_grad(lp_s, log_tail[:, None], sign_tail[:, None], cols,
                               _xmul(cat_s[:, :k + 1].exp(), alpha[:, :k + 1]) + beta[:, :k + 1],
                               opts)
         g = g * grad_rows[sl].to(cdt).unsqueeze(-1)

@@ -20,8 +20,8 @@ from .parallel import all_reduce, check_shards, finite, log_total, shard_start
 from .reference import (TOPK_DTYPE, _as_rows, _chunks, _compute_dtype, _xmul, bridge_logits,
                         check_tokens, check_topk_ids, divergence_rows, gate_lambda, log_mixture,
                         opd_grad_logprobs, sampled_delta, topk_bridge, topk_grad_coefficients,
-                        topk_membership, topk_scatter_grad, topk_single_token_terms,
-                        topk_teacher_categories)
+                        topk_log_abs_tail, topk_membership, topk_scatter_grad,
+                        topk_single_token_terms, topk_teacher_categories)
 
 NEG_INF = float("-inf")
 
@@ -36,7 +36,8 @@ S_LSE = C.PRIVATE["sampled"]  # log Z_S
 K_LSE_S = C.PRIVATE["topk"]  # log Z_S of s = z_S / tau
 K_LOG_ZQ = K_LSE_S + 1       # log Z_q over the categories
 K_G_MEAN = K_LSE_S + 2       # sum_c P_S(c) G_c
-K_TAIL = K_LSE_S + 3         # alpha of the tail: G_tail - sum_c P_S(c) G_c
+K_TAIL = K_LSE_S + 3         # log |alpha| of the tail (alpha = G_tail - sum_c P_S(c) G_c,
+K_TAIL_SIGN = K_LSE_S + 4    # which may lie beyond float64's range), and its sign
 
 
 def _check(student, tokens, opts, group) -> None:
@@ -274,11 +275,35 @@ def topk_rows_parallel(student, ids, tlp, ttl, tokens, sign, opts, group):
         at = torch.cat([zs, torch.zeros_like(zs[:, :1])], -1).gather(-1, cols[sl])
         return torch.cat([torch.stack([e.sum(-1), _xmul(e, zc).sum(-1), tail], -1), at], -1)
     r2 = all_reduce(chunks(sums, 3 + k + 1), dist.ReduceOp.SUM, group)
-    lse = log_total(m, r2[:, 0])
-    neg = torch.full_like(r2[:, 3:], NEG_INF)
+    t = topk_terms_from_sums(m, m_tail, r2[:, :3], r2[:, 3:], present, own, cat_y, tlp, ttl,
+                             sign, valid, opts)
+    out = torch.zeros(n, C.WIDTH["topk"], dtype=cdt, device=s.device)
+    for name, c in {**C.SHARED, **C.FAMILY["topk"]}.items():
+        out[:, c] = t[name]
+    out[:, K_LSE_S], out[:, K_LOG_ZQ] = t["lse"], t["log_z_q"]
+    out[:, K_G_MEAN] = t["g_mean"]
+    out[:, K_TAIL], out[:, K_TAIL_SIGN] = t["log_tail"], t["sign_tail"]
+    return out
+
+
+def topk_terms_from_sums(m, m_tail, sums, z_at, present, own, cat_y, tlp, ttl, sign, valid,
+                         opts):
+    """A top-k row's terms (float64) from the sums of a pass over the student's row.
+
+    ``m``, ``m_tail`` (N,): the row's maximum of z / tau and its maximum outside the
+    categories (0 where not finite); ``sums`` (N, 3): the sum of e^(z/tau - m), of
+    e^(z/tau - m) (z/tau - m) and, outside the categories, of e^(z/tau - m_tail); ``z_at``
+    (N, K + 1): z / tau at the slots and at y's own category (any value where absent).
+    Returns the shared columns (named as in _rows.SHARED and FAMILY["topk"], 0 in masked
+    rows) and lse, log_z_q, g_mean, log_tail and sign_tail (the tail's coefficient:
+    :func:`topk_log_abs_tail`), tail (log P_S of the tail): the backward's row state."""
+    cdt = TOPK_DTYPE
+    m, m_tail, sums, z_at = (x.to(cdt) for x in (m, m_tail, sums, z_at))
+    lse = log_total(m, sums[:, 0])
+    neg = torch.full_like(z_at, NEG_INF)
     cat_s = torch.cat([torch.where(torch.cat([present, own.unsqueeze(-1)], -1),
-                                   r2[:, 3:] - lse[:, None], neg),
-                       (m_tail + r2[:, 2].log() - lse).unsqueeze(-1)], -1)  # (-inf: no tail)
+                                   z_at - lse[:, None], neg),
+                       (m_tail + sums[:, 2].log() - lse).unsqueeze(-1)], -1)  # (-inf: no tail)
     cat_t = topk_teacher_categories(tlp.to(cdt), None if ttl is None else ttl.to(cdt), present,
                                     own, opts.tail_floor)
     delta, g, a, b, x, log_z_q = topk_bridge(cat_s, cat_t, cat_y,
@@ -287,17 +312,15 @@ def topk_rows_parallel(student, ids, tlp, ttl, tokens, sign, opts, group):
     loss = torch.where(log_z_q[:, 0] == NEG_INF, torch.full_like(loss, math.inf), loss)
     alpha, _, g_mean = topk_grad_coefficients(cat_s, x, log_z_q, opts)
     teacher_kl = _xmul(cat_s.exp(), cat_s - cat_t).sum(-1)
-    entropy = torch.where(r2[:, 0] == 0, torch.zeros_like(lse),
-                          r2[:, 0].log() - r2[:, 1] / r2[:, 0])
-
+    entropy = torch.where(sums[:, 0] == 0, torch.zeros_like(lse),
+                          sums[:, 0].log() - sums[:, 1] / sums[:, 0])
     zero = torch.zeros_like(loss)
-    out = torch.zeros(n, C.WIDTH["topk"], dtype=cdt, device=s.device)
-    for c, v in ((C.LOSS, loss), (C.DELTA, delta), (C.GATE, g), (C.TEACHER_KL, teacher_kl),
-                 (C.ENTROPY, entropy)):
-        out[:, c] = torch.where(valid, v, zero)
-    out[:, C.A], out[:, C.B] = a[:, 0], b[:, 0]
-    out[:, K_LSE_S], out[:, K_LOG_ZQ] = lse, log_z_q[:, 0]
-    out[:, K_G_MEAN], out[:, K_TAIL] = g_mean[:, 0], alpha[:, -1]
+    out = {name: torch.where(valid, v, zero) for name, v in (
+        ("loss", loss), ("delta", delta), ("gate", g), ("teacher_kl", teacher_kl),
+        ("entropy", entropy))}
+    log_tail, sign_tail = topk_log_abs_tail(cat_s, x, alpha[:, -1], opts)
+    out.update(a=a[:, 0], b=b[:, 0], lse=lse, log_z_q=log_z_q[:, 0], g_mean=g_mean[:, 0],
+               log_tail=log_tail, sign_tail=sign_tail, tail=cat_s[:, -1])
     return out
 
 
@@ -324,7 +347,8 @@ def topk_rows_parallel_backward(grad_rows, student, ids, tlp, ttl, tokens, rows,
         x = bridge_logits(ls, lt[sl], r[:, C.A, None], r[:, C.B, None])
         g, beta = topk_single_token_terms(ls, x - r[:, K_LOG_ZQ, None], opts)
         values = _xmul(ls.exp(), g - r[:, K_G_MEAN, None]) + beta
-        gv = topk_scatter_grad(lp, r[:, K_TAIL, None], cols[sl], values, opts)
+        gv = topk_scatter_grad(lp, r[:, K_TAIL, None], r[:, K_TAIL_SIGN, None], cols[sl],
+                               values, opts)
         gv = gv * grad_rows[sl].to(cdt).unsqueeze(-1)
         grad[sl] = torch.where(valid[sl], gv, torch.zeros_like(gv)).to(s.dtype)
     return grad.view(shape)

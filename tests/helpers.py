@@ -220,18 +220,25 @@ def oracle_topk(student, ids, logprobs, token_logprobs, tokens, verifier=None, *
 
 
 def assert_kernel_matches_oracle(loss, stats, grad, student, want, eager, *, teacher, tokens,
-                                 temperature, reduction, weights=None, grad_out=None):
+                                 temperature, reduction, weights=None, grad_out=None,
+                                 gate_slack=0.0):
     """A kernel's loss, statistics and gradient against the float64 oracle's ``want`` =
     (loss, stats dict, grad), with eager float32 PyTorch's ``eager`` (the same, in float32) as
     the yardstick of float32's error (:func:`assert_loss_close`, :func:`assert_grad_close`).
 
     ``teacher``: the teacher's tensors whose magnitudes enter the log-probability scale.
+    ``gate_slack``: the fraction of rows whose delta lies within float32's resolution of 0
+    (not 0 itself), whose gate sign float32 cannot decide: the gate fractions may differ by it.
     """
     (want_loss, want_stats, g_want), (eager_loss, eager_stats, g_eager) = want, eager
     assert loss.dtype == torch.float32
     assert_loss_close(loss, want_loss, eager32=eager_loss)
     for name, value in want_stats.items():
-        assert_loss_close(getattr(stats, name).reshape(1), torch.tensor([value]), what=name,
+        got = getattr(stats, name).reshape(1)
+        if gate_slack and name in ("consistent_frac", "conflict_frac") \
+                and abs(float(got) - value) <= gate_slack + 1e-6:
+            continue
+        assert_loss_close(got, torch.tensor([value]), what=name,
                           eager32=torch.tensor([eager_stats[name]]))
     assert grad.shape == student.shape and grad.dtype == student.dtype
     scale_l = logprob_scale(student, *teacher, temperature=temperature)

@@ -17,10 +17,12 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+import sgopd_kernels as sk
 from sgopd_kernels import _ext, _rows as C, compiled, reference
-from compiled_harness import gated_loss, make_opts, sampled_loss
+from compiled_harness import _design, gated_loss, make_opts, sampled_loss
 from helpers import (_reduce, _stats, assert_grad_close, assert_loss_close,
-                     logprob_scale, oracle_opd, oracle_sampled, sign_rows)
+                     logprob_scale, oracle_opd, oracle_sampled, oracle_topk, sign_rows)
+from topk_cases import check_against_oracle, draw_case, top_heavy
 
 needs_cpu_ext = pytest.mark.skipif(not compiled.available("cpu"),
                                    reason=f"the compiled module is not built ({_ext.error})")
@@ -237,6 +239,62 @@ def test_opd_matches_oracle(data):
 def test_sampled_matches_oracle(data):
     s, tlp, tokens, verifier, kw, design = _draw_case(data.draw, sampled=True)
     _check_against_oracle(sampled_loss, oracle_sampled, s, tlp, tokens, verifier, kw, design)
+
+
+@pytest.mark.filterwarnings("ignore:verifier. a float tensor")
+@HYP
+@given(data=st.data(), design=st.sampled_from(["stored", "recompute"]))
+def test_topk_matches_oracle(data, design):
+    """The top-k loss on the CPU kernels (its passes over the student's row compiled, its
+    O(k) terms in float64) against the oracle, in the adversarial cases of the Triton test."""
+    with _design("cpu", design):
+        check_against_oracle("cpu", "cpu", *draw_case(data.draw))
+
+
+@pytest.mark.parametrize("tail", [1e-6, 1e-9, 1e-14])
+def test_topk_student_tail_when_the_top_k_holds_nearly_all(tail):
+    """The tail is summed over the tokens outside the categories against its own maximum:
+    float32 precision of the loss and the gradient at any tail."""
+    gen = torch.Generator().manual_seed(0)
+    n, vocab, k = 6, 700, 8
+    s = 0.5 * torch.randn(n, vocab, generator=gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    s = top_heavy(s.scatter_add(-1, ids, 6.0 + torch.randn(n, k, generator=gen)), ids, tail)
+    tlp = torch.log_softmax(torch.randn(n, vocab, generator=gen), -1).gather(-1, ids)
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    for divergence in ("reverse_kl", "forward_kl", "jsd"):
+        kw = dict(divergence=divergence, reduction="sum")
+        x = s.clone().requires_grad_(True)
+        loss = sk.topk_opd_loss(x, ids, tlp, y, backend="cpu", **kw)
+        (g,) = torch.autograd.grad(loss, x)
+        want, _, g_want = oracle_topk(s, ids, tlp, None, y, **kw)
+        _, _, g_eager = oracle_topk(s, ids, tlp, None, y, dtype=torch.float32, **kw)
+        assert_loss_close(loss.reshape(1), want.reshape(1))
+        assert_grad_close(g, g_want, torch.float32, g_eager)
+
+
+def test_topk_bad_ids_and_tokens_make_their_rows_nan():
+    """An id >= V, an id twice in a row, or a token outside [0, V) makes that row's loss and
+    gradient NaN (the torch path raises); the other rows are untouched."""
+    gen = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 50, generator=gen)
+    ids = torch.stack([torch.randperm(50, generator=gen)[:5] for _ in range(4)])
+    tlp = torch.log_softmax(torch.randn(4, 50, generator=gen), -1).gather(-1, ids)
+    y = torch.randint(0, 50, (4,), generator=gen)
+    bad_ids, bad_y = ids.clone(), y.clone()
+    bad_ids[0, 1] = 50
+    bad_ids[1, 2] = bad_ids[1, 3]
+    bad_y[2] = 51
+    x = s.clone().requires_grad_(True)
+    loss = sk.topk_opd_loss(x, bad_ids, tlp, bad_y, reduction="none", backend="cpu")
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    want = sk.topk_opd_loss(s, ids, tlp, y, reduction="none", backend="torch")
+    assert torch.isnan(loss[:3]).all() and torch.isnan(g[:3]).all()
+    assert_loss_close(loss[3:], want[3:].double())
+    x3 = s[3:].clone().requires_grad_(True)
+    (g3,) = torch.autograd.grad(sk.topk_opd_loss(x3, ids[3:], tlp[3:], y[3:], reduction="sum",
+                                                 backend="torch"), x3)
+    assert torch.allclose(g[3:], g3, rtol=1e-5, atol=1e-9)
 
 
 def _rand(shape, vocab, vocab_t=None, seed=0, dtype=torch.float32, scale=3.0):

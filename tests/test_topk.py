@@ -444,8 +444,16 @@ def test_vocab_parallel_matches_single_process(world, backend):
 
 
 def test_resolve_backend_knows_the_family():
-    assert sk.resolve_backend("auto", torch.zeros(1), family="topk", divergence="jsd") == "torch"
+    from sgopd_kernels import compiled
+
+    cpu = "cpu" if compiled.available("cpu") else "torch"  # the compiled CPU kernels, if built
+    assert sk.resolve_backend("auto", torch.zeros(1), family="topk", divergence="jsd") == cpu
+    assert sk.resolve_backend("auto", torch.zeros(1), family="topk", parallel=True) == "torch"
+    assert sk.resolve_backend("auto", torch.zeros(1, dtype=torch.float64),
+                              family="topk") == "torch"
     assert sk.resolve_backend("torch", torch.zeros(1), family="topk", parallel=True) == "torch"
+    with pytest.raises(NotImplementedError, match="process_group"):
+        sk.resolve_backend("cpu", torch.zeros(1), family="topk", parallel=True)
 
 
 @needs_triton
@@ -478,3 +486,29 @@ def test_the_readme_engine_example_runs_and_gives_a_finite_loss():
     assert torch.isfinite(scope["loss"]) and scope["student_logits"].grad is not None
     assert scope["ids"].tolist() == [[11, 7], [5, 2], [3, 8]]
     assert scope["token_logprobs"].tolist() == pytest.approx([-0.1, -4.0, -0.05])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_forward_kl_toward_a_tail_of_e_minus_ten_thousand(backend):
+    """A student tail of e^-14000 (a logit of -1e4 outside the categories): the tail's
+    coefficient Q_tail / P_S(tail) lies beyond float64's range, its product with p_S does not;
+    it is formed in the log domain (the oracle's autograd gets -Q_tail there). (The Triton
+    kernels, float32 throughout, hold this to float32's digits of z / tau, 1e-3 here; their
+    own test goes to a tail of 1e-52.)"""
+    if not sk.resolve_backend("auto", torch.zeros(1)) == "cpu" and backend == "cpu":
+        pytest.skip("the compiled CPU kernels are not built")
+    dev = "cpu"
+    s = torch.tensor([[3.3, -1e4], [-2.0, -1e4]])
+    ids = torch.tensor([[-1, -1], [0, -1]])
+    tlp = torch.tensor([[0.0, 0.0], [-0.5, 0.0]])
+    y, ttl = torch.tensor([0, 0]), torch.tensor([-6.97, -0.5])
+    kw = dict(divergence="forward_kl", temperature=0.7, reduction="sum", tail_floor=1e-3)
+    x = s.to(dev).requires_grad_(True)
+    loss = sk.topk_opd_loss(x, ids.to(dev), tlp.to(dev), y.to(dev),
+                            teacher_token_logprobs=ttl.to(dev), backend=backend, **kw)
+    (g,) = torch.autograd.grad(loss, x)
+    loss, g = loss.cpu(), g.cpu()
+    want, _, g_want = oracle_topk(s, ids, tlp, ttl, y, **kw)
+    assert torch.isfinite(want) and float(g_want[:, 1].abs().min()) > 0.1
+    assert_close(loss.double(), want, rtol=1e-6, atol=0)
+    assert_close(g.double(), g_want, rtol=1e-5, atol=1e-7)

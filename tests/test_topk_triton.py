@@ -15,142 +15,30 @@ from hypothesis import strategies as st
 import sgopd_kernels as sk
 from sgopd_kernels.triton import topk as ttopk
 from conftest import TRITON_DEVICE, needs_triton
-from helpers import (KERNEL_DTYPES, assert_close, assert_grad_close,
-                     assert_kernel_matches_oracle, assert_loss_close, interpreted_hypothesis,
-                     oracle_topk)
+from topk_cases import check_against_oracle, draw_case, top_heavy
+from helpers import (assert_close, assert_grad_close, assert_loss_close,
+                     interpreted_hypothesis, oracle_topk)
 
 pytestmark = needs_triton
 DEV = TRITON_DEVICE
 HYP = interpreted_hypothesis(60)
 
 
-def _student(kind, lead, vocab, dtype, scale, gen):
-    n = math.prod(lead)
-    if kind == "vocab_strided":  # the vocabulary is not the fastest dimension
-        return (scale * torch.randn(vocab, n, generator=gen)).to(dtype).t().reshape(*lead, vocab) \
-            if len(lead) == 1 else (scale * torch.randn(*lead, vocab, generator=gen)).to(dtype)
-    if kind == "shifted":  # logits[:, :-1] of (B, T + 1, V)
-        b = lead[0]
-        return (scale * torch.randn(b, n // b + 1, vocab, generator=gen)).to(dtype)[:, :-1]
-    return (scale * torch.randn(*lead, vocab, generator=gen)).to(dtype)
-
-
-def _top_heavy(s, ids, tail):
-    """Raise the logits at the ids so that the categories hold all but ``tail`` of p_S."""
-    sd = s.double()
-    inside = torch.zeros_like(sd).scatter_add_(-1, ids.clamp(min=0), (ids >= 0).double()) > 0
-    held = sd.masked_fill(~inside, -math.inf).logsumexp(-1, keepdim=True)
-    rest = sd.masked_fill(inside, -math.inf).logsumexp(-1, keepdim=True)
-    shift = (rest - held - math.log(tail / (1 - tail))).nan_to_num(0.0, 0.0, 0.0)
-    return torch.where(inside, sd + shift, sd).to(s.dtype)
-
-
-def _draw_case(draw):
-    seed = draw(st.integers(0, 2 ** 16))
-    gen = torch.Generator().manual_seed(seed)
-    lead = draw(st.sampled_from([(1,), (5,), (2, 3), (3, 2)]))
-    vocab = draw(st.sampled_from([1, 2, 7, 61, 64, 127, 257, 331]))
-    k = draw(st.sampled_from([1, 2, 3, 5, 8, 20, 33, 64, 128]))
-    dtype = draw(st.sampled_from(KERNEL_DTYPES))
-    scale = draw(st.sampled_from([0.5, 3.0, 12.0]))
-    kind = draw(st.sampled_from(["contiguous", "vocab_strided"] if len(lead) == 1
-                                else ["contiguous", "shifted"]))
-    s = _student(kind, lead, vocab, dtype, scale, gen)
-    lp_t = torch.log_softmax(scale * torch.randn(*lead, vocab, generator=gen), -1)
-    used = min(k, vocab)
-    if draw(st.booleans()):  # the teacher's top-k
-        ids = lp_t.topk(used, -1).indices
-    else:  # any distinct ids
-        ids = torch.argsort(torch.rand(*lead, vocab, generator=gen), -1)[..., :used]
-    tlp = lp_t.gather(-1, ids)
-    if used < k:
-        ids = torch.cat([ids, torch.full((*lead, k - used), -1)], -1)
-        tlp = torch.cat([tlp, torch.zeros(*lead, k - used)], -1)
-    if draw(st.booleans()):  # unused slots anywhere (negative ids)
-        drop = torch.rand(*lead, k, generator=gen) < 0.3
-        ids = torch.where(drop, -1 - torch.randint(0, 5, ids.shape, generator=gen), ids)
-    perm = torch.argsort(torch.rand(*lead, k, generator=gen), -1)  # slots in any order
-    ids, tlp = ids.gather(-1, perm), tlp.gather(-1, perm)
-    tokens = torch.randint(0, vocab, lead, generator=gen)
-    if draw(st.booleans()):  # y among the ids where it can be
-        first = ids[..., 0]
-        tokens = torch.where(first >= 0, first, tokens)
-    if draw(st.booleans()):
-        tokens.view(-1)[0] = -100
-    ttl = lp_t.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1) \
-        if draw(st.booleans()) else None
-    gate = draw(st.sampled_from(["none", "bool_seq", "adv_pos"]))
-    verifier = None if gate == "none" else (torch.rand(lead[0], generator=gen) > 0.5
-                                            if gate == "bool_seq"
-                                            else torch.randn(lead, generator=gen).round())
-    kw = dict(
-        extrapolation=draw(st.sampled_from([1.8, 2.5])),
-        interpolation=draw(st.sampled_from([1.0, 0.4])),
-        temperature=draw(st.sampled_from([1.0, 0.7, 1.9])),
-        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
-        beta=draw(st.sampled_from([0.0, 0.3, 1.2])),
-        divergence=draw(st.sampled_from(["reverse_kl", "forward_kl", "jsd"])),
-        jsd_beta=draw(st.sampled_from([0.5, 0.1, 0.9])),
-        tail_floor=draw(st.sampled_from([1e-7, 0.0, 1e-3])),
-    )
-    if draw(st.booleans()):
-        kw["weights"] = torch.rand(lead, generator=gen)
-    adversary = draw(st.sampled_from(["none", "student_mask", "huge_negative",
-                                      "teacher_mask", "top_heavy"]))
-    cols = torch.randperm(vocab, generator=gen)[: max(1, vocab // 4)]
-    if adversary == "student_mask" and vocab > 2:  # some of them may be among the ids
-        s[..., cols] = float("-inf")
-    elif adversary == "huge_negative":
-        s[..., cols] = -1e4
-    elif adversary == "teacher_mask":  # the teacher rules out some of its slots
-        tlp = torch.where(torch.rand(tlp.shape, generator=gen) < 0.3, float("-inf"), tlp)
-        kw["divergence"] = "forward_kl"  # (reverse KL is +inf there)
-    elif adversary == "top_heavy" and vocab > k:
-        s = _top_heavy(s.contiguous(), ids, draw(st.sampled_from([1e-3, 1e-6])))
-    if kw["tail_floor"] == 0.0 and kw["divergence"] == "reverse_kl":
-        # a top-k that holds the teacher's whole mass up to rounding leaves a tail of 0 or of
-        # 1e-20 by the rounding of 1 - sum: reverse KL +inf or finite (the floor's purpose)
-        kw["tail_floor"] = 1e-7
-    tlp = tlp.to(draw(st.sampled_from([torch.float32, dtype])))
-    return s, (ids, tlp, ttl), tokens, verifier, kw
-
-
-def _to(x, device):
-    return None if x is None else x.to(device)
-
-
-def _check_against_oracle(block, s, teacher, tokens, verifier, kw):
-    ids, tlp, ttl = teacher
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ttopk, "FWD_BLOCK_V", block)
-        mp.setattr(ttopk, "BWD_BLOCK_V", block)
-        x = s.to(DEV).requires_grad_(True)
-        w = _to(kw.pop("weights", None), DEV)
-        loss, stats = sk.topk_opd_loss(x, ids.to(DEV), tlp.to(DEV), tokens.to(DEV),
-                                       _to(verifier, DEV), teacher_token_logprobs=_to(ttl, DEV),
-                                       weights=w, return_stats=True, backend="triton", **kw)
-        grad_out = torch.randn(loss.shape, device=DEV) if kw["reduction"] == "none" else None
-        (g,) = torch.autograd.grad(loss, x, grad_out)
-    okw = dict(weights=_to(w, "cpu"), grad_out=_to(grad_out, "cpu"), **kw)
-    assert_kernel_matches_oracle(
-        loss, stats, g, s, oracle_topk(s, ids, tlp, ttl, tokens, verifier, **okw),
-        oracle_topk(s, ids, tlp, ttl, tokens, verifier, dtype=torch.float32, **okw),
-        teacher=(tlp,), tokens=tokens, temperature=kw["temperature"],
-        reduction=kw["reduction"], weights=okw["weights"], grad_out=okw["grad_out"])
-
-
 @pytest.mark.filterwarnings("ignore:verifier. a float tensor")
 @HYP
 @given(data=st.data(), block=st.sampled_from([16, 64, 4096]))
 def test_topk_matches_oracle(data, block):
-    _check_against_oracle(block, *_draw_case(data.draw))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ttopk, "FWD_BLOCK_V", block)
+        mp.setattr(ttopk, "BWD_BLOCK_V", block)
+        check_against_oracle("triton", DEV, *draw_case(data.draw))
 
 
 def _heavy_rows(tail, n=6, vocab=700, k=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
     s = 0.5 * torch.randn(n, vocab, generator=gen)
     ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
-    s = _top_heavy(s.scatter_add(-1, ids, 6.0 + torch.randn(n, k, generator=gen)), ids, tail)
+    s = top_heavy(s.scatter_add(-1, ids, 6.0 + torch.randn(n, k, generator=gen)), ids, tail)
     lp_t = torch.log_softmax(torch.randn(n, vocab, generator=gen), -1)
     return s, ids, lp_t.gather(-1, ids), torch.randint(0, vocab, (n,), generator=gen)
 

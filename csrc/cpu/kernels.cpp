@@ -22,6 +22,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -579,6 +580,173 @@ OPD_CLONES void scale_row(void* row, int dtype, int64_t V, float g) {
   }
 }
 }  // namespace
+
+// ---------------------------------------------------------------------------
+// the top-k teacher's passes over the student's row (the O(k) part of the loss is
+// formed outside, from their sums)
+
+namespace {
+OPD_INLINE bool in_row(int64_t c, int64_t V) { return c >= 0 && c < V; }
+OPD_INLINE float finite_or_zero(float x) { return (x - x == 0.0f) ? x : 0.0f; }
+
+// The row's maximum and its maximum outside the categories (mark[v] = 1 inside).
+OPD_CLONES void topk_row_max(const float* __restrict s, const uint8_t* __restrict mark,
+                             int64_t V, float* m_out, float* mt_out) {
+  float mx[LANES], mt[LANES];
+  for (int j = 0; j < LANES; ++j) mx[j] = mt[j] = -f_inf();
+  int64_t i = 0;
+  for (; i + LANES <= V; i += LANES) {
+    for (int j = 0; j < LANES; ++j) {  // (a NaN is passed over here; the sums carry it)
+      float x = s[i + j];
+      mx[j] = x > mx[j] ? x : mx[j];
+      float xt = mark[i + j] ? -f_inf() : x;
+      mt[j] = xt > mt[j] ? xt : mt[j];
+    }
+  }
+  float m = -f_inf(), t = -f_inf();
+  for (int j = 0; j < LANES; ++j) {
+    m = mx[j] > m ? mx[j] : m;
+    t = mt[j] > t ? mt[j] : t;
+  }
+  for (; i < V; ++i) {
+    m = s[i] > m ? s[i] : m;
+    t = (!mark[i] && s[i] > t) ? s[i] : t;
+  }
+  *m_out = m;
+  *mt_out = t;
+}
+
+// sum 2^((z - m) scale2), sum of it times (z - m) / tau, and outside the categories
+// sum 2^((z - mt) scale2): float terms, double sums (LANES of each, combined in order).
+OPD_CLONES void topk_row_sums(const float* __restrict s, const uint8_t* __restrict mark,
+                              int64_t V, float m, float mt, float scale2, float inv_t,
+                              double* out) {
+  double se[LANES], sez[LANES], st[LANES];
+  for (int j = 0; j < LANES; ++j) se[j] = sez[j] = st[j] = 0.0;
+  int64_t i = 0;
+  for (; i + LANES <= V; i += LANES) {
+    for (int j = 0; j < LANES; ++j) {
+      float d = s[i + j] - m;
+      float e = ex2(d * scale2);
+      float et = ex2((s[i + j] - mt) * scale2);
+      se[j] += (double)e;
+      sez[j] += e == 0.0f ? 0.0 : (double)e * (double)(d * inv_t);  // (0 log 0 = 0)
+      st[j] += mark[i + j] ? 0.0 : (double)et;
+    }
+  }
+  double a = 0.0, b = 0.0, c = 0.0;
+  for (int j = 0; j < LANES; ++j) {
+    a += se[j];
+    b += sez[j];
+    c += st[j];
+  }
+  for (; i < V; ++i) {
+    float d = s[i] - m;
+    float e = ex2(d * scale2);
+    a += (double)e;
+    b += e == 0.0f ? 0.0 : (double)e * (double)(d * inv_t);
+    if (!mark[i]) c += (double)ex2((s[i] - mt) * scale2);
+  }
+  out[0] = a;
+  out[1] = b;
+  out[2] = c;
+}
+
+// sign 2^((z / tau + off) log2 e), the exponent formed in double (0 where z = -inf)
+template <int DT>
+OPD_INLINE void topk_tail_loop(const float* __restrict s, int64_t V, double inv_temp,
+                               double off, float sign, void* __restrict out) {
+  const double l2e = (double)LOG2E;
+  for (int64_t v = 0; v < V; ++v) {
+    float e = (float)(((double)s[v] * inv_temp + off) * l2e);
+    float g = s[v] == -f_inf() ? 0.0f : sign * ex2(e);  // (p_S = 0: 0, as 0 log 0)
+    store<DT>(out, v, g);
+  }
+}
+
+OPD_CLONES void topk_row_tail_grad(const float* s, int64_t V, double inv_temp, double off,
+                                   float sign, void* out, int dtype) {
+  if (dtype == F32)
+    topk_tail_loop<F32>(s, V, inv_temp, off, sign, out);
+  else if (dtype == BF16)
+    topk_tail_loop<BF16>(s, V, inv_temp, off, sign, out);
+  else
+    topk_tail_loop<F16>(s, V, inv_temp, off, sign, out);
+}
+}  // namespace
+
+void topk_stream(const Rows& s, int64_t n, int64_t V, const int64_t* cols, int64_t J,
+                 double inv_temp, const int64_t* tok, int64_t ignore_index, double* out,
+                 int nthreads) {
+  const int64_t W = TOPK_STREAM_K + J;
+  const float scale2 = (float)(inv_temp * (double)LOG2E);
+  const float inv_t = (float)inv_temp;
+  parallel_rows(n, V, nthreads, [&](int64_t r0, int64_t r1) {
+    std::vector<float> sbuf((size_t)V);
+    std::vector<uint8_t> mark((size_t)V + 1, 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      double* o = out + r * W;
+      if (tok[r] == ignore_index) {  // a masked row reads nothing
+        for (int64_t k = 0; k < W; ++k) o[k] = 0.0;
+        continue;
+      }
+      const int64_t* c = cols + r * J;
+      for (int64_t j = 0; j < J; ++j)
+        if (in_row(c[j], V)) mark[c[j]] = 1;
+      const float* sr = load_row(s, r, V, sbuf.data());
+      float m, mt;
+      topk_row_max(sr, mark.data(), V, &m, &mt);
+      m = finite_or_zero(m);
+      mt = finite_or_zero(mt);
+      double sums[3];
+      topk_row_sums(sr, mark.data(), V, m, mt, scale2, inv_t, sums);
+      // (the logits over tau in double, as the O(k) terms form them from the same logits)
+      o[0] = (double)m * inv_temp;
+      o[1] = (double)mt * inv_temp;
+      o[2] = sums[0];
+      o[3] = sums[1];
+      o[4] = sums[2];
+      for (int64_t j = 0; j < J; ++j) {
+        o[TOPK_STREAM_K + j] = in_row(c[j], V) ? (double)sr[c[j]] * inv_temp : 0.0;
+        if (in_row(c[j], V)) mark[c[j]] = 0;
+      }
+    }
+  });
+}
+
+void topk_backward(const Rows& s, int64_t n, int64_t V, const int64_t* cols, int64_t J,
+                   const double* values, const double* rowinfo, double inv_temp,
+                   const int64_t* tok, int64_t ignore_index, void* grad, int grad_dtype,
+                   int nthreads) {
+  advise_grad(grad, grad_dtype, n, V);
+  parallel_rows(n, V, nthreads, [&](int64_t r0, int64_t r1) {
+    std::vector<float> sbuf((size_t)V);
+    for (int64_t r = r0; r < r1; ++r) {
+      void* go = grad_row_ptr(grad, grad_dtype, r, V);
+      if (tok[r] == ignore_index) {
+        zero_row(go, grad_dtype, V);
+        continue;
+      }
+      const float* sr = load_row(s, r, V, sbuf.data());
+      // the tail's gradient p_v alpha g / tau = sign exp(z_v / tau - log Z + log|alpha g / tau|),
+      // its exponent formed in double: alpha alone may lie far outside float32's range
+      const double off = rowinfo[r * 2];
+      const float sign = (float)rowinfo[r * 2 + 1];
+      topk_row_tail_grad(sr, V, inv_temp, off, sign, go, grad_dtype);
+      const int64_t* c = cols + r * J;
+      for (int64_t j = 0; j < J; ++j) {
+        if (!in_row(c[j], V)) continue;
+        float g = (float)values[r * J + j];
+        if (grad_dtype == F32)
+          store<F32>(go, c[j], g);
+        else if (grad_dtype == BF16)
+          store<BF16>(go, c[j], g);
+        else
+          store<F16>(go, c[j], g);
+      }
+    }
+  });
+}
 
 void scale_grad(void* grad, int dtype, int64_t n, int64_t V, const float* g, bool per_row,
                 int nthreads) {
