@@ -721,7 +721,12 @@ def main(argv=None) -> int:
     print(f"{failed} failed")
 
     if args.sass and need_sass:
-        print_report(records, {s.name: s for s in selected})
+        order = {}  # scenario -> the kernels it launched, in launch order
+        for la in launches:
+            names = order.setdefault(la.scenario, [])
+            if la.key() not in names:
+                names.append(la.key())
+        print_report(records, {s.name: s for s in selected}, order)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"triton": triton.__version__, "arch": args.arch,
@@ -733,7 +738,7 @@ def main(argv=None) -> int:
 BOUNDS = ("mem", "issue", "mufu", "xu", "fp32", "alu", "fma+imad", "lsu")
 
 
-def print_report(records, by_name):
+def print_report(records, by_name, order):
     """The markdown tables of --sass."""
     print("\n## Registers and spills of every specialization (sm_90)\n")
     print("| kernel | warps | specialization | regs | stack B | local B | LDL/STL | scenarios |")
@@ -786,7 +791,8 @@ def print_report(records, by_name):
     print("| scenario | launches | lower bound |")
     print("|---|---|---|")
     for name in sorted(MODEL):
-        mine = [(la, m) for la, r, us, m in rows if name in r["scenarios"]]
+        mine = sorted(((la, m) for la, r, us, m in rows if name in r["scenarios"]),
+                      key=lambda x: order[name].index(x[0].key()))
         if mine:
             total = sum(max(m["bounds"].values()) for _, m in mine)
             names = " + ".join(f"{la.name} ({m['binding']})" for la, m in mine)
