@@ -118,9 +118,9 @@ CHECK = textwrap.dedent("""
             assert la.signature[p.name] == want, (la.name, p.name, la.signature[p.name], want)
             if want == "constexpr":
                 assert la.constexprs[(i,)] == v, (la.name, p.name)
-            got = la.attrs.get((i,))
-            assert got == (backend.parse_attr(attr) if isinstance(attr, str) else None), \\
-                (la.name, p.name, got, attr)
+            got = la.attrs.get((i,)) or None  # (an empty list: no attribute, as absent)
+            want_attr = (backend.parse_attr(attr) or None) if isinstance(attr, str) else None
+            assert got == want_attr, (la.name, p.name, got, attr)
             checked += 1
         assert la.options["num_warps"] == la.kwargs["num_warps"]
     print("checked", len(launches), "launches,", checked, "arguments")
