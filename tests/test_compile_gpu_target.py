@@ -1,17 +1,23 @@
 """Every Triton kernel specialization compiles for the H100 (sm_90), even without a GPU.
 
-The interpreter runs the kernels' logic on CPU; this compiles the same sources
-through Triton's real CUDA pipeline (TTIR -> PTX -> cubin with the bundled
-ptxas) so that a construct the compiler rejects is caught on a CPU machine.
+The interpreter runs the kernels' logic on CPU; ``tools/aot_compile.py`` compiles
+the same sources through Triton's real CUDA pipeline (TTIR -> PTX -> cubin with
+the bundled ptxas), so that a construct the compiler rejects is caught on a CPU
+machine. Its specializations come from the library's own launches, as the JIT
+would specialize them: these tests check that they do (divisibility hints that
+give the contiguous bf16 forward 128-bit loads, the JIT's per-argument rules).
 """
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
 
 
 def _has_nvidia_backend() -> bool:
@@ -22,11 +28,109 @@ def _has_nvidia_backend() -> bool:
     return "nvidia" in getattr(triton.backends, "backends", {})
 
 
-@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
-def test_kernels_compile_for_sm90():
+pytestmark = pytest.mark.skipif(not _has_nvidia_backend(),
+                                reason="this Triton has no NVIDIA backend")
+
+
+def _env():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "aot_compile.py"),
-                           "--arch", "90"], capture_output=True, text=True, env=env, timeout=900)
+    return env
+
+
+def _run(args, timeout):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env(),
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The tool over every scenario, with the SASS analysis; (process, its JSON or None)."""
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    proc = _run([TOOL, "--arch", "90", "--sass", "--json", str(out)], timeout=1500)
+    if proc.returncode == 2:
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
+    data = json.loads(out.read_text()) if out.exists() else None
+    return proc, data
+
+
+def _spec(data, kernel, scenario):
+    for s in data["specializations"]:
+        if s["kernel"] == kernel and scenario in s["scenarios"]:
+            return s
+    raise AssertionError(f"no {kernel} specialization recorded for {scenario!r}")
+
+
+def test_kernels_compile_for_sm90(compiled):
+    proc, _ = compiled
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failed" in proc.stdout
+
+
+def test_contiguous_bf16_forward_is_specialized_and_loads_128_bits(compiled):
+    proc, data = compiled
+    assert data is not None, proc.stdout[-4000:] + proc.stderr[-4000:]
+    fwd = _spec(data, "_opd_fwd_kernel", "logits bf16 rows gate=0 reverse_kl")
+    # contiguous rows: both pointers and the row stride divisible by 16, unit strides constant
+    assert {"S", "T", "V", "s_st0", "t_st0"} <= set(fwd["divisible16"])
+    assert fwd["signature"]["s_stv"] == "constexpr" and fwd["constexprs"]["s_stv"] == "1"
+    # a view that starts mid-row loses the pointer's alignment, and a 50257 vocabulary V's
+    odd = _spec(data, "_opd_fwd_kernel", "logits bf16 midrow gate=1 reverse_kl")
+    assert "S" not in odd["divisible16"] and "s_st0" not in odd["divisible16"]
+    gpt2 = _spec(data, "_opd_fwd_kernel", "logits bf16 odd gate=1 reverse_kl")
+    assert "V" not in gpt2["divisible16"]
+    if fwd.get("loop_mix") is None:
+        pytest.skip("no cuobjdump or nvdisasm: the SASS is not checked")
+    mix = fwd["loop_mix"]
+    assert mix.get("LDG.128", 0) >= 4, mix  # 16 bf16 per thread and tensor: 2 x 128 bits each
+    assert not mix.get("LDG.16") and not mix.get("LDG.32"), mix
+    assert fwd["regs"] <= 255 and fwd["spill_instructions"] == 0
+
+
+CHECK = textwrap.dedent("""
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("aot_compile", sys.argv[1])
+    aot = importlib.util.module_from_spec(spec)
+    sys.modules["aot_compile"] = aot
+    spec.loader.exec_module(aot)
+    from triton._C.libtriton import native_specialize_impl
+    from triton.compiler import make_backend
+    target = aot.GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    names = sys.argv[2:]
+    launches, status = aot.record(target, [s for s in aot.scenarios() if s.name in names])
+    assert all(n for n, _ in status.values()), status
+    assert {la.scenario for la in launches} == set(names)
+    checked = 0
+    for la in launches:
+        # the JIT's rule, argument by argument: constexprs as given, floats fp32 unspecialized,
+        # the rest through native_specialize_impl (ints == 1 constant, divisibility by 16)
+        bound = la.fn.signature.bind(*la.args, **{k: v for k, v in la.kwargs.items()
+                                                 if k in la.fn.arg_names}).arguments
+        for i, p in enumerate(la.fn.params):
+            v = bound[p.name]
+            if p.is_constexpr:
+                want, attr = "constexpr", None
+            else:
+                want, attr = native_specialize_impl(backend, v, p.is_const,
+                                                    not p.do_not_specialize,
+                                                    not p.do_not_specialize_on_alignment)
+            assert la.signature[p.name] == want, (la.name, p.name, la.signature[p.name], want)
+            if want == "constexpr":
+                assert la.constexprs[(i,)] == v, (la.name, p.name)
+            got = la.attrs.get((i,)) or None  # (an empty list: no attribute, as absent)
+            want_attr = (backend.parse_attr(attr) or None) if isinstance(attr, str) else None
+            assert got == want_attr, (la.name, p.name, got, attr)
+            checked += 1
+        assert la.options["num_warps"] == la.kwargs["num_warps"]
+    print("checked", len(launches), "launches,", checked, "arguments")
+""")
+
+
+def test_recorded_specialization_is_the_jits():
+    scen = ["logits bf16 rows gate=1 forward_kl", "logits fp32 odd gate=1 reverse_kl",
+            "logits bf16 midrow gate=0 forward_kl", "parallel logits bf16 rows gate=1 reverse_kl",
+            "sampled bf16 odd gate=1", "topk bf16 vstrided k=20 gate=1 ttl=1 reverse_kl"]
+    proc = _run(["-c", CHECK, TOOL, *scen], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "checked" in proc.stdout
