@@ -49,10 +49,12 @@ def specializations():
                  "ignore_index"]
         types = [p, p, "*i64", "*fp32", "*fp32", i, i, "i64", "i64", i, i, "i64", "i64", i,
                  f, f, f, f, f, "i64"]
-        const = dict(HAS_GATE=gate, DIVERGENCE=_div(rev), STRIDED_V=strided,
-                     BLOCK_V=logits.FWD_BLOCK_V)
-        yield (f"opd_fwd {dt} gate={gate} rev={rev} strided={strided}",
-               logits._opd_fwd_kernel, names, types, const, logits.FWD_WARPS)
+        for teacher_bridge in (False, True) if not gate else (False,):
+            const = dict(HAS_GATE=gate, DIVERGENCE=_div(rev), STRIDED_V=strided,
+                         BLOCK_V=logits.FWD_BLOCK_V, TEACHER_BRIDGE=teacher_bridge)
+            yield (f"opd_fwd {dt} gate={gate} rev={rev} strided={strided} "
+                   f"teacher_bridge={teacher_bridge}",
+                   logits._opd_fwd_kernel, names, types, const, logits.FWD_WARPS)
     for dt, rev, strided, local in itertools.product(("bf16", "fp32"), (False, True),
                                                      (False, True), (True, False)):
         p = DTYPES[dt]
