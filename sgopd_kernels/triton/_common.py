@@ -87,7 +87,8 @@ def slot_ref(m, raw, f, scale):
     """Move each slot's raw running max ``m`` over a tile ``raw``.
 
     Returns the new max, its value in frame units ``c = (max - f) scale`` (the exponent
-    of an element is ``(raw - f) scale - c``, exactly 0 at the max) and the factor that
+    of an element is ``(raw - f) scale - c``, 0 at the max up to the rounding of one
+    product where the compiler contracts it into an FMA) and the factor that
     rescales the slot's old sums. An empty slot (max -inf) has c = -f scale, its sums 0.
     """
     nm = tl.maximum(m, tl.max(raw, 1))

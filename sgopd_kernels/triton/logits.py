@@ -18,9 +18,18 @@ models' logits at one token the student likes (the sampled token, or the
 student's best in the first block if it rates that higher). It never moves,
 so nothing is shifted when a running max changes, and the values that carry
 the student's probability sit near it, small and exact. Maxima
-are kept in raw logit units and every exponent is ``(raw - ref) * scale2``,
-so the row max contributes exactly 2^0 and the backward recomputes the same
-bits. After the pass the gate picks the candidate, and the row's loss,
+are kept in raw logit units; an element's one exponent is ``sf - c`` with
+``sf = (raw - f_s) * scale2`` and ``c`` the slot's max in the same units.
+
+The state is kept per slot of a [BLOCK_V // 8, 8] tile and combined across
+slots once per row (``_common``). Block 0 and the partial last block are
+masked and guarded; the full blocks between them are neither, and a row
+that meets a -inf there (a NaN in some accumulator) is read again with the
+guards. Without a gate and with beta = 0 (``TEACHER_BRIDGE``, reverse KL) the
+bridge is the teacher and no candidate is folded; a row where the student
+masks a token is read again to fold it over the joint support.
+
+After the pass the gate picks the candidate, and the row's loss,
 statistics and backward state go to a small float32 table (``_rows``). A row
 whose verifier has a verdict but whose delta is exactly 0 needs the lambda = 1
 candidate that was not carried: it reads its row a second time (a rare case;
@@ -29,8 +38,9 @@ means land more than 16 (base-2 units) from the frame: it reads itself again
 centred on those means.
 
 Backward: a 2-D grid over (row, vocabulary block) that re-reads the logits and
-writes the gradient from the saved row state. The gradient is not stored in
-forward: docs/design.md gives the byte counts behind that choice.
+writes the gradient from the saved row state, the row's validity, token check
+and incoming gradient folded into one scalar (a masked row reads nothing). The
+gradient is not stored in forward: docs/design.md gives the byte counts behind that choice.
 """
 
 from __future__ import annotations
@@ -90,7 +100,7 @@ def _fold_student(st, raw_s, sf, tf, f_s, scale2, GUARD: tl.constexpr):
     """st = per slot (raw max, sum 2^(sf - c), sum 2^(sf - c) sf, sum 2^(sf - c) tf)."""
     m, z, acc_ss, acc_st = st
     nm, c, al = slot_ref(m, raw_s, f_s, scale2)
-    e = tl.exp2(sf - c[:, None])  # the element's one exponent, 2^0 at the max
+    e = tl.exp2(sf - c[:, None])  # the element's one exponent
     if GUARD:
         ps = tl.where(e == 0.0, 0.0, e * sf)
         pt = tl.where(e == 0.0, 0.0, e * tf)
