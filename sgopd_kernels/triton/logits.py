@@ -421,11 +421,12 @@ def _opd_bwd_kernel(
     raw_t = load_block(t_row, cols, t_stv, n_cols, STRIDED_V)
     sf = (raw_s - f_s) * scale2
     tf = (raw_t - f_t) * tscale2
-    p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
     if DIVERGENCE == RKL:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
+        p = tl.exp2(sf - ((r_s - f_s) * scale2 + lz_s))  # lp_S = sf + off_s, from sf
         w = (1.0 - b) * (sf - mean_s) - a * (tf - mean_t)
         gv = tl.where(p == 0.0, 0.0, p * w) * (coef * (0.6931471805599453 * inv_temp))
     else:  # p - q; x has the forward's bits, so x - m_c is exact at the max
+        p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
         support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
         q = tl.exp2((bridge(tf, sf, a, b, support) - m_c) - lz_c)
         gv = (p - q) * (coef * inv_temp)
