@@ -245,6 +245,38 @@ def test_peaked_rows_keep_float32_precision(divergence, small_blocks):
     assert err <= 2 * err_eager + 1e-12, (err, err_eager)
 
 
+@pytest.mark.parametrize("divergence,beta,gated", [("reverse_kl", 0.0, False),
+                                                   ("reverse_kl", 0.3, True),
+                                                   ("forward_kl", 0.0, False)])
+def test_masked_logits_in_unguarded_blocks(divergence, beta, gated, small_blocks):
+    """The full blocks between the first and the last are folded without per-element
+    guards; a -inf met there (or, where the bridge is taken from the teacher, anywhere in
+    the student's row) makes the row read itself again with them. Rows 1-4 put -inf in the
+    first block, a middle block, the last (partial) block, and in the teacher; row 0 has
+    none."""
+    s, t, y = _rand((5,), 200, seed=21)  # blocks of 64: 0, 1 and 2 full, 3 partial
+    s[1, 10] = float("-inf")
+    s[2, 100] = float("-inf")
+    s[3, 195] = float("-inf")
+    t[4, 130] = float("-inf")
+    if divergence == "reverse_kl":
+        s[4, 130] = float("-inf")  # (a teacher mask under student mass is +inf)
+    y[:] = torch.tensor([3, 40, 70, 150, 199])
+    ver = torch.tensor([1.0, -1.0, 1.0, 0.0, 1.0]) if gated else None
+    kw = dict(divergence=divergence, beta=beta, reduction="none")
+    x = s.to(DEV).requires_grad_(True)
+    loss, stats = sk.gated_opd_loss(x, t.to(DEV), y.to(DEV), _to(ver, DEV), return_stats=True,
+                                    backend="triton", **kw)
+    grad_out = torch.randn(5)
+    (g,) = torch.autograd.grad(loss, x, grad_out.to(DEV))
+    want, want_stats, g_want = oracle_opd(s, t, y, ver, grad_out=grad_out, **kw)
+    _, _, g_eager = oracle_opd(s, t, y, ver, dtype=torch.float32, grad_out=grad_out, **kw)
+    assert_loss_close(loss, want)
+    for name, value in want_stats.items():
+        assert_loss_close(getattr(stats, name).reshape(1), torch.tensor([value]), what=name)
+    assert_grad_close(g, g_want, torch.float32, g_eager)
+
+
 def test_reverse_kl_is_inf_where_teacher_masks_student_mass():
     s, t, y = _rand((4,), 90, seed=2)
     t[2, 17] = float("-inf")

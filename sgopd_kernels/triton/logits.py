@@ -18,9 +18,18 @@ models' logits at one token the student likes (the sampled token, or the
 student's best in the first block if it rates that higher). It never moves,
 so nothing is shifted when a running max changes, and the values that carry
 the student's probability sit near it, small and exact. Maxima
-are kept in raw logit units and every exponent is ``(raw - ref) * scale2``,
-so the row max contributes exactly 2^0 and the backward recomputes the same
-bits. After the pass the gate picks the candidate, and the row's loss,
+are kept in raw logit units; an element's one exponent is ``sf - c`` with
+``sf = (raw - f_s) * scale2`` and ``c`` the slot's max in the same units.
+
+The state is kept per slot of a [BLOCK_V // 8, 8] tile and combined across
+slots once per row (``_common``). Block 0 and the partial last block are
+masked and guarded; the full blocks between them are neither, and a row
+that meets a -inf there (a NaN in some accumulator) is read again with the
+guards. Without a gate and with beta = 0 (``TEACHER_BRIDGE``, reverse KL) the
+bridge is the teacher and no candidate is folded; a row where the student
+masks a token is read again to fold it over the joint support.
+
+After the pass the gate picks the candidate, and the row's loss,
 statistics and backward state go to a small float32 table (``_rows``). A row
 whose verifier has a verdict but whose delta is exactly 0 needs the lambda = 1
 candidate that was not carried: it reads its row a second time (a rare case;
@@ -29,8 +38,9 @@ means land more than 16 (base-2 units) from the frame: it reads itself again
 centred on those means.
 
 Backward: a 2-D grid over (row, vocabulary block) that re-reads the logits and
-writes the gradient from the saved row state. The gradient is not stored in
-forward: docs/design.md gives the byte counts behind that choice.
+writes the gradient from the saved row state, the row's validity, token check
+and incoming gradient folded into one scalar (a masked row reads nothing). The
+gradient is not stored in forward: docs/design.md gives the byte counts behind that choice.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ import triton
 import triton.language as tl
 
 from .._options import Divergence
+from ._common import (SLOT, any_nan, bridge, combine_bridge, combine_lse, fold_bridge, fold_lse,
+                      load_block, load_full, online, row_ptr, row_token, slot_ref, slot_state,
+                      tile)
 from ._layout import row_layout
 from ._table import (A, B, DELTA, ENTROPY, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S, LOGITS_K,
                      LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
@@ -50,9 +63,22 @@ LOG2E = 1.4426950408889634
 RKL = tl.constexpr(int(Divergence.REVERSE_KL))
 
 
+# the helpers the other kernel files import under their former names
+_row_ptr = row_ptr
+_row_token = row_token
+_bridge = bridge
+_online = online
+
+
+@triton.jit
+def _load_row_block(row_p, cols, stv, V, STRIDED_V: tl.constexpr):
+    """Raw logits of one block as float32, -inf past the vocabulary."""
+    return load_block(row_p, cols, stv, V, STRIDED_V)
+
+
 @triton.jit
 def _cand_update(x, m, z, acc_x, acc_s, sf, FKL: tl.constexpr):
-    """Fold a block of bridge values x (-inf off the support) into (m, z, acc_x, acc_s).
+    """Fold a 1-D block of bridge values x (-inf off the support) into (m, z, acc_x, acc_s).
 
     z = sum 2^(x-m); acc_x = sum 2^(x-m) (x-m); acc_s = sum 2^(x-m) sf; m is the
     running max (-inf while empty). The max value enters as exactly 2^0.
@@ -70,90 +96,89 @@ def _cand_update(x, m, z, acc_x, acc_s, sf, FKL: tl.constexpr):
 
 
 @triton.jit
-def _bridge(tf, sf, a, b, support):
-    """x = a (t - f_t) + b (s - f_s) with a pinned rounding: forward and backward agree bitwise."""
-    return tl.where(support, tl.fma(a, tf, b * sf), float("-inf"))
-
-
-@triton.jit
-def _row_ptr(X, row, d1, st0, st1):
-    """The first element of row ``row`` of a tensor addressed as ``row_layout`` describes."""
-    return X + (row // d1) * st0 + (row % d1) * st1
-
-
-@triton.jit
-def _online(raw, m, z, scale2):
-    """Fold raw logits into (raw running max, sum 2^((raw - max) scale2))."""
-    nm = tl.maximum(m, tl.max(raw, 0))
-    r = tl.where(nm == float("-inf"), 0.0, nm)
-    z = z * tl.exp2(tl.where(m == float("-inf"), 0.0, (m - r) * scale2)) \
-        + tl.sum(tl.exp2((raw - r) * scale2), 0)
-    return nm, z
-
-
-@triton.jit
-def _row_token(TOK, row, V, ignore_index):
-    """The row's sampled token, whether the row counts, and whether the id is in [0, V)."""
-    y = tl.load(TOK + row).to(tl.int64)
-    return y, y != ignore_index, (y >= 0) & (y < V)
-
-
-@triton.jit
-def _load_row_block(row_ptr, cols, stv, V, STRIDED_V: tl.constexpr):
-    """Raw logits of one block as float32, -inf past the vocabulary."""
-    msk = cols < V
-    if STRIDED_V:
-        ptrs = row_ptr + cols.to(tl.int64) * stv
+def _fold_student(st, raw_s, sf, tf, f_s, scale2, GUARD: tl.constexpr):
+    """st = per slot (raw max, sum 2^(sf - c), sum 2^(sf - c) sf, sum 2^(sf - c) tf)."""
+    m, z, acc_ss, acc_st = st
+    nm, c, al = slot_ref(m, raw_s, f_s, scale2)
+    e = tl.exp2(sf - c[:, None])  # the element's one exponent
+    if GUARD:
+        ps = tl.where(e == 0.0, 0.0, e * sf)
+        pt = tl.where(e == 0.0, 0.0, e * tf)
     else:
-        ptrs = row_ptr + cols
-    return tl.load(ptrs, mask=msk, other=float("-inf")).to(tl.float32)
+        ps = e * sf
+        pt = e * tf
+    acc_st = tl.where(acc_st == float("-inf"), float("-inf"), acc_st * al) + tl.sum(pt, 1)
+    return nm, z * al + tl.sum(e, 1), acc_ss * al + tl.sum(ps, 1), acc_st
 
 
 @triton.jit
-def _fwd_block(raw_s, raw_t, f_s, f_t, scale2, tscale2, a0, b0, a1, b1,
-               m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-               HAS_GATE: tl.constexpr, REVERSE: tl.constexpr):
-    """Fold one block of raw student and teacher logits into the row's running state."""
-    NEG_INF: tl.constexpr = float("-inf")
+def _fold(state, raw_s, raw_t, frame, coef, HAS_GATE: tl.constexpr, FKL: tl.constexpr,
+          SKIP_BRIDGE: tl.constexpr, GUARD: tl.constexpr):
+    """Fold one tile of raw student and teacher logits into the row's per-slot state.
+
+    state = (student, teacher, candidate 0, candidate 1); frame = (f_s, f_t, scale2,
+    tscale2); coef = (a0, b0, a1, b1). SKIP_BRIDGE: candidate 0 is the teacher
+    (no gate, beta = 0), taken from the teacher's state after the pass.
+    """
+    st_s, st_t, q0, q1 = state
+    f_s, f_t, scale2, tscale2 = frame
+    a0, b0, a1, b1 = coef
     sf = (raw_s - f_s) * scale2
     tf = (raw_t - f_t) * tscale2
-    # student: z_s, acc_ss, acc_st, rescaled when the max moves
-    nm_s = tl.maximum(m_s, tl.max(raw_s, 0))
-    r_s = tl.where(nm_s == NEG_INF, 0.0, nm_s)
-    al_s = tl.exp2(tl.where(m_s == NEG_INF, 0.0, (m_s - r_s) * scale2))
-    e_s = tl.exp2((raw_s - r_s) * scale2)
-    acc_ss = acc_ss * al_s + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * sf), 0)
-    acc_st = tl.where(acc_st == NEG_INF, NEG_INF, acc_st * al_s) \
-        + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * tf), 0)
-    z_s = z_s * al_s + tl.sum(e_s, 0)
-    # teacher: z_t
-    nm_t, z_t = _online(raw_t, m_t, z_t, tscale2)
-    # candidate bridges on the joint support
-    support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
-    m0, z0, ax0, as0 = _cand_update(_bridge(tf, sf, a0, b0, support), m0, z0, ax0, as0, sf,
-                                    not REVERSE)
-    if HAS_GATE:
-        m1, z1, ax1, as1 = _cand_update(_bridge(tf, sf, a1, b1, support), m1, z1, ax1, as1,
-                                        sf, not REVERSE)
-    return nm_s, z_s, acc_ss, acc_st, nm_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1
+    st_s = _fold_student(st_s, raw_s, sf, tf, f_s, scale2, GUARD)
+    st_t = fold_lse(st_t, raw_t, tf, f_t, tscale2)
+    if GUARD:
+        support = (raw_s != float("-inf")) & (raw_t != float("-inf"))
+        if not SKIP_BRIDGE:
+            q0 = fold_bridge(q0, bridge(tf, sf, a0, b0, support), sf, FKL, GUARD)
+        if HAS_GATE:
+            q1 = fold_bridge(q1, bridge(tf, sf, a1, b1, support), sf, FKL, GUARD)
+    else:  # off the support some product is NaN: the row is read again with GUARD
+        if not SKIP_BRIDGE:
+            q0 = fold_bridge(q0, tl.fma(a0, tf, b0 * sf), sf, FKL, GUARD)
+        if HAS_GATE:
+            q1 = fold_bridge(q1, tl.fma(a1, tf, b1 * sf), sf, FKL, GUARD)
+    return st_s, st_t, q0, q1
 
 
 @triton.jit
-def _fwd_range(s_row, t_row, lo, hi, V, s_stv, t_stv, f_s, f_t, scale2, tscale2, a0, b0, a1, b1,
-               m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-               HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, STRIDED_V: tl.constexpr,
-               BLOCK_V: tl.constexpr):
-    """Fold the blocks starting at lo, lo + BLOCK_V, ... below hi into the row's state."""
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(lo, hi, BLOCK_V):
+def _empty_state(BLOCK_V: tl.constexpr):
+    neg = slot_state(BLOCK_V, float("-inf"))
+    zero = slot_state(BLOCK_V, 0.0)
+    return (neg, zero, zero, zero), (neg, zero), (neg, zero, zero, zero), (neg, zero, zero, zero)
+
+
+@triton.jit
+def _reread(state, s_row, t_row, n, V, s_stv, t_stv, frame, coef, HAS_GATE: tl.constexpr,
+            FKL: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Fold the row's first ``n`` columns (0 or all of them) with every guard."""
+    offs = tile(BLOCK_V)
+    for start in range(0, n, BLOCK_V):
         cols = start + offs
-        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
-        m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
-            raw_s, raw_t, f_s, f_t, scale2, tscale2, a0, b0, a1, b1,
-            m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-            HAS_GATE, REVERSE)
-    return m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1
+        state = _fold(state, load_block(s_row, cols, s_stv, V, STRIDED_V),
+                      load_block(t_row, cols, t_stv, V, STRIDED_V), frame, coef, HAS_GATE,
+                      FKL, False, True)
+    return state
+
+
+@triton.jit
+def _reset2(st, redo):
+    """(max, sum) per slot, emptied where ``redo`` (a row scalar)."""
+    return tl.where(redo, float("-inf"), st[0]), tl.where(redo, 0.0, st[1])
+
+
+@triton.jit
+def _reset4(st, redo):
+    """(max, sum, sum, sum) per slot, emptied where ``redo``."""
+    return (tl.where(redo, float("-inf"), st[0]), tl.where(redo, 0.0, st[1]),
+            tl.where(redo, 0.0, st[2]), tl.where(redo, 0.0, st[3]))
+
+
+@triton.jit
+def _reset(state, redo):
+    """The state, or an empty one where ``redo``."""
+    return (_reset4(state[0], redo), _reset2(state[1], redo), _reset4(state[2], redo),
+            _reset4(state[3], redo))
 
 
 @triton.jit
@@ -164,15 +189,18 @@ def _opd_fwd_kernel(
     t_d1, t_st0, t_st1, t_stv,
     scale2, tscale2, beta, lam_pos, lam_neg, ignore_index,
     HAS_GATE: tl.constexpr, DIVERGENCE: tl.constexpr,
-    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, TEACHER_BRIDGE: tl.constexpr = False,
 ):
-    NEG_INF: tl.constexpr = float("-inf")
+    NEG_INF_: tl.constexpr = float("-inf")
     LN2_: tl.constexpr = 0.6931471805599453
     FRAME_TOL: tl.constexpr = 16.0  # base-2 units, about 11 nats
+    FKL: tl.constexpr = DIVERGENCE != RKL
+    # TEACHER_BRIDGE (no gate, beta = 0, reverse KL): the bridge is the teacher, lq = 0
+    SKIP: tl.constexpr = TEACHER_BRIDGE and not HAS_GATE and not FKL
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
-    t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
-    y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
+    s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
+    t_row = row_ptr(T, row, t_d1, t_st0, t_st1)
+    y, valid, y_ok = row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
 
     # candidate bridges: slot 0 = lambda+ (or 1), slot 1 = lambda- (or 1)
@@ -188,6 +216,7 @@ def _opd_fwd_kernel(
     b0 = 1.0 - lam0 + beta
     a1 = lam1
     b1 = 1.0 - lam1 + beta
+    coef = (a0, b0, a1, b1)
 
     # the sampled token's raw logits
     y_safe = tl.where(y_ok, y, 0)  # never read out of bounds (the loss is NaN then)
@@ -197,64 +226,85 @@ def _opd_fwd_kernel(
     # The frame (f_s, f_t) of every linear accumulator: both models' logits at one token the
     # student likes, the sampled token or the student's best in the first block, whichever
     # the student rates higher. It is fixed before the pass and never moves after.
-    offs = tl.arange(0, BLOCK_V)
-    raw_s = _load_row_block(s_row, offs, s_stv, n_cols, STRIDED_V)
-    raw_t = _load_row_block(t_row, offs, t_stv, n_cols, STRIDED_V)
-    s_j = tl.max(raw_s, 0)
-    t_j = tl.sum(tl.where(offs == tl.argmax(raw_s, 0), raw_t, 0.0), 0)
+    offs = tile(BLOCK_V)
+    raw_s = load_block(s_row, offs, s_stv, n_cols, STRIDED_V)
+    raw_t = load_block(t_row, offs, t_stv, n_cols, STRIDED_V)
+    s_j = tl.max(tl.max(raw_s, 1), 0)
+    j = tl.min(tl.min(tl.where(raw_s == s_j, offs, BLOCK_V), 1), 0)  # first best column
+    t_j = tl.sum(tl.sum(tl.where(offs == j, raw_t, 0.0), 1), 0)
     use_y = s_y >= s_j
     f_s = tl.where(use_y, s_y, s_j)
     f_t = tl.where(use_y, t_y, t_j)
-    f_s = tl.where(f_s == NEG_INF, 0.0, f_s)
-    f_t = tl.where(f_t == NEG_INF, 0.0, f_t)
+    f_s = tl.where(f_s == NEG_INF_, 0.0, f_s)
+    f_t = tl.where(f_t == NEG_INF_, 0.0, f_t)
+    frame = (f_s, f_t, scale2, tscale2)
 
-    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)  # a float32 scalar
-    neg = zero + NEG_INF
-    # state: m_s (raw student max), z_s = sum 2^((z_S - m_s) scale2), acc_ss = sum 2^(..) sf,
+    # per slot: the student's raw max m_s, z_s = sum 2^(sf - c_s), acc_ss = sum 2^(..) sf,
     # acc_st = sum 2^(..) tf with sf = (z_S - f_s) scale2, tf = (z_T - f_t) tscale2; the
-    # teacher's max and sum; per candidate max, sum and the two forward-KL sums
-    m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_block(
-        raw_s, raw_t, f_s, f_t, scale2, tscale2, a0, b0, a1, b1,
-        neg, zero, zero, zero, neg, zero, neg, zero, zero, zero, neg, zero, zero, zero,
-        HAS_GATE, DIVERGENCE == RKL)
-    m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_range(
-        s_row, t_row, BLOCK_V, n_cols, V, s_stv, t_stv, f_s, f_t, scale2, tscale2, a0, b0,
-        a1, b1,
-        m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-        HAS_GATE, DIVERGENCE == RKL, STRIDED_V, BLOCK_V)
+    # teacher's max and sum; per candidate max, sum and the two forward-KL sums.
+    # Block 0 and the partial last block are folded with every guard, the full blocks
+    # between them unmasked and unguarded.
+    state = _fold(_empty_state(BLOCK_V), raw_s, raw_t, frame, coef, HAS_GATE, FKL, SKIP, True)
+    hole = tl.sum(tl.sum(((raw_s == NEG_INF_) & (offs < n_cols)).to(tl.int32), 1), 0)
+    n_full = (n_cols // BLOCK_V) * BLOCK_V
+    for start in range(BLOCK_V, n_full, BLOCK_V):
+        cols = start + offs
+        state = _fold(state, load_full(s_row, cols, s_stv, STRIDED_V),
+                      load_full(t_row, cols, t_stv, STRIDED_V), frame, coef, HAS_GATE, FKL,
+                      SKIP, False)
+    for start in range(tl.maximum(n_full, BLOCK_V), n_cols, BLOCK_V):  # at most once
+        cols = start + offs
+        raw_s = load_block(s_row, cols, s_stv, V, STRIDED_V)
+        state = _fold(state, raw_s, load_block(t_row, cols, t_stv, V, STRIDED_V), frame,
+                      coef, HAS_GATE, FKL, SKIP, True)
+        hole += tl.sum(tl.sum(((raw_s == NEG_INF_) & (cols < V)).to(tl.int32), 1), 0)
+
+    # An unguarded block that met a -inf (or NaN) logit left a NaN: such a row is read again
+    # with every guard. So is, when candidate 0 is taken from the teacher, a row where the
+    # student masks a token (the joint support is then smaller than the teacher's).
+    chk = state[0][1] + state[0][2] + state[0][3] + state[1][1]
+    if not SKIP:
+        chk += state[2][1] + state[2][2] + state[2][3]
+    if HAS_GATE:
+        chk += state[3][1] + state[3][2] + state[3][3]
+    redo = any_nan(chk) & (n_full > BLOCK_V)
+    if SKIP:
+        redo = redo | (hole > 0)
+    state = _reread(_reset(state, redo), s_row, t_row, tl.where(redo, n_cols, 0), V, s_stv,
+                    t_stv, frame, coef, HAS_GATE, FKL, STRIDED_V, BLOCK_V)
+    computed = redo  # the bridge was computed (rather than taken from the teacher)
 
     # A frame far from where p_S puts its mass (|E_{p_S}[s - f_s]| or |E_{p_S}[t - f_t]| above
     # FRAME_TOL, e.g. a masked first block and a sampled token the student masks) would cost
     # precision: such a rare row reads itself once more, with those means as its frame.
     # A zero-trip loop for every other row.
+    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), f_s, scale2)
+    acc_ss = tl.sum(state[0][2] * w_s, 0)
+    acc_st = tl.sum(tl.where(state[0][3] == NEG_INF_, NEG_INF_, state[0][3] * w_s), 0)
     mean_s = acc_ss / z_s
     mean_t = acc_st / z_s
     far_s = tl.abs(mean_s) > FRAME_TOL
-    far_t = (tl.abs(mean_t) > FRAME_TOL) & (mean_t != NEG_INF)
+    far_t = (tl.abs(mean_t) > FRAME_TOL) & (mean_t != NEG_INF_)
     far = far_s | far_t
     f_s = tl.where(far_s, f_s + mean_s / scale2, f_s)
     f_t = tl.where(far_t, f_t + mean_t / tscale2, f_t)
-    m_s = tl.where(far, neg, m_s)
-    z_s = tl.where(far, zero, z_s)
-    acc_ss = tl.where(far, zero, acc_ss)
-    acc_st = tl.where(far, zero, acc_st)
-    m_t = tl.where(far, neg, m_t)
-    z_t = tl.where(far, zero, z_t)
-    m0 = tl.where(far, neg, m0)
-    z0 = tl.where(far, zero, z0)
-    ax0 = tl.where(far, zero, ax0)
-    as0 = tl.where(far, zero, as0)
-    m1 = tl.where(far, neg, m1)
-    z1 = tl.where(far, zero, z1)
-    ax1 = tl.where(far, zero, ax1)
-    as1 = tl.where(far, zero, as1)
-    m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1 = _fwd_range(
-        s_row, t_row, 0, tl.where(far, n_cols, 0), V, s_stv, t_stv, f_s, f_t, scale2, tscale2,
-        a0, b0, a1, b1, m_s, z_s, acc_ss, acc_st, m_t, z_t, m0, z0, ax0, as0, m1, z1, ax1, as1,
-        HAS_GATE, DIVERGENCE == RKL, STRIDED_V, BLOCK_V)
+    frame = (f_s, f_t, scale2, tscale2)
+    state = _reread(_reset(state, far), s_row, t_row, tl.where(far, n_cols, 0), V, s_stv,
+                    t_stv, frame, coef, HAS_GATE, FKL, STRIDED_V, BLOCK_V)
+    computed = computed | far
 
-    r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
-    r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
+    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), f_s, scale2)
+    acc_ss = tl.sum(state[0][2] * w_s, 0)
+    acc_st = tl.sum(tl.where(state[0][3] == NEG_INF_, NEG_INF_, state[0][3] * w_s), 0)
+    m_t, z_t, _ = combine_lse(state[1], f_t, tscale2)
+    m0, z0, ax0, as0 = combine_bridge(state[2], FKL)
+    m1, z1, ax1, as1 = combine_bridge(state[3], FKL)
+
+    r_s = tl.where(m_s == NEG_INF_, 0.0, m_s)
+    r_t = tl.where(m_t == NEG_INF_, 0.0, m_t)
+    if SKIP:  # candidate 0 is the teacher over its whole support (the student masks nothing)
+        m0 = tl.where(computed, m0, (r_t - f_t) * tscale2)
+        z0 = tl.where(computed, z0, z_t)
     # a model that masks its whole row gives every token probability 0: lp = -inf, not NaN
     lz_s = tl.where(z_s == 0.0, float("inf"), tl.log2(z_s))
     lz_t = tl.where(z_t == 0.0, float("inf"), tl.log2(z_t))
@@ -268,7 +318,7 @@ def _opd_fwd_kernel(
     # the sampled token: delta and the gate
     lps_y = (s_y - r_s) * scale2 - lz_s
     lpt_y = (t_y - r_t) * tscale2 - lz_t
-    both_zero = (lps_y == NEG_INF) & (lpt_y == NEG_INF)
+    both_zero = (lps_y == NEG_INF_) & (lpt_y == NEG_INF_)
     delta2 = tl.where(both_zero, 0.0, lpt_y - lps_y)
     d = (delta2 > 0.0).to(tl.float32) - (delta2 < 0.0).to(tl.float32)
     g = d * sig
@@ -283,18 +333,17 @@ def _opd_fwd_kernel(
     as_c = tl.where(g < 0.0, as1, as0)
     if HAS_GATE:
         need = (g == 0.0) & (sig != 0.0)
-        m2 = neg
-        z2 = zero
-        ax2 = zero
-        as2 = zero
+        q2 = (slot_state(BLOCK_V, float("-inf")), slot_state(BLOCK_V, 0.0),
+              slot_state(BLOCK_V, 0.0), slot_state(BLOCK_V, 0.0))
         for start in range(0, tl.where(need, n_cols, 0), BLOCK_V):
             cols = start + offs
-            raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-            raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
+            raw_s = load_block(s_row, cols, s_stv, V, STRIDED_V)
+            raw_t = load_block(t_row, cols, t_stv, V, STRIDED_V)
             sf = (raw_s - f_s) * scale2
-            x2 = _bridge((raw_t - f_t) * tscale2, sf, a_c, b_c,
-                         (raw_s != NEG_INF) & (raw_t != NEG_INF))
-            m2, z2, ax2, as2 = _cand_update(x2, m2, z2, ax2, as2, sf, DIVERGENCE != RKL)
+            x2 = bridge((raw_t - f_t) * tscale2, sf, a_c, b_c,
+                        (raw_s != NEG_INF_) & (raw_t != NEG_INF_))
+            q2 = fold_bridge(q2, x2, sf, FKL, True)
+        m2, z2, ax2, as2 = combine_bridge(q2, FKL)
         m_c = tl.where(need, m2, m_c)
         z_c = tl.where(need, z2, z_c)
         ax_c = tl.where(need, ax2, ax_c)
@@ -360,21 +409,27 @@ def _opd_bwd_kernel(
     m_c = tl.load(st + MAX_Q)
     lz_c = tl.load(st + LOG2Z_Q)
 
-    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
-    t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
-    raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-    raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
+    # the row's conditions as one scalar: 0 for a masked row (which reads nothing, so its p
+    # and q are 0), NaN for a token id out of range, else the incoming gradient
+    coef = tl.where(valid, tl.where(y_ok, gr, float("nan")), 0.0)
+    n_cols = tl.where(valid, V, 0)
+    lz_s = tl.where(valid, lz_s, 0.0)  # (a table may hold -inf sums for a masked row)
+    lz_c = tl.where(valid, lz_c, 0.0)
+    s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
+    t_row = row_ptr(T, row, t_d1, t_st0, t_st1)
+    raw_s = load_block(s_row, cols, s_stv, n_cols, STRIDED_V)
+    raw_t = load_block(t_row, cols, t_stv, n_cols, STRIDED_V)
     sf = (raw_s - f_s) * scale2
     tf = (raw_t - f_t) * tscale2
-    p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
     if DIVERGENCE == RKL:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
+        p = tl.exp2(sf - ((r_s - f_s) * scale2 + lz_s))  # lp_S = sf + off_s, from sf
         w = (1.0 - b) * (sf - mean_s) - a * (tf - mean_t)
-        gv = tl.where(p == 0.0, 0.0, p * w) * (0.6931471805599453 * inv_temp)
+        gv = tl.where(p == 0.0, 0.0, p * w) * (coef * (0.6931471805599453 * inv_temp))
     else:  # p - q; x has the forward's bits, so x - m_c is exact at the max
+        p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
         support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
-        q = tl.exp2((_bridge(tf, sf, a, b, support) - m_c) - lz_c)
-        gv = (p - q) * inv_temp
-    gv = tl.where(valid, tl.where(y_ok, gv * gr, float("nan")), 0.0)
+        q = tl.exp2((bridge(tf, sf, a, b, support) - m_c) - lz_c)
+        gv = (p - q) * (coef * inv_temp)
     tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
 
 
@@ -383,6 +438,7 @@ def _opd_bwd_kernel(
 
 FWD_BLOCK_V = 4096
 FWD_WARPS = 8
+MIN_BLOCK_V = 2 * SLOT.value  # the forward's tile holds at least two slots
 BWD_BLOCK_V = 4096
 BWD_WARPS = 8
 
@@ -413,7 +469,7 @@ def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=No
     if n == 0:
         return out
     sig = sign if sign is not None else tokens  # unused pointer when there is no gate
-    block = block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab))
+    block = max(MIN_BLOCK_V, block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab)))
     _opd_fwd_kernel[(n,)](
         ls.tensor, lt.tensor, tokens, sig, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
@@ -421,6 +477,7 @@ def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=No
         float(opts.lam_pos), float(opts.lam_neg), int(opts.ignore_index),
         HAS_GATE=sign is not None, DIVERGENCE=_divergence(opts),
         STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
+        TEACHER_BRIDGE=(sign is None and float(opts.beta) == 0.0),
         num_warps=num_warps or FWD_WARPS,
     )
     return out

@@ -3,8 +3,11 @@
 Forward: one pass per row for the student's online (max, sum-exp) and
 sum 2^(s-m) (s-m) (the entropy statistic), plus the gathered s[y]; maxima in
 raw logit units, exponents ``(raw - ref) * log2(e) / tau`` as in logits.py.
+The state is kept per slot of a [BLOCK_V // SLOT, SLOT] tile (``_common``):
+full blocks unmasked and without per-element guards, a row that meets a -inf
+there read again with them.
 Backward: a 2-D grid writing -(A / tau) (onehot(y) - p_S) times the row's
-incoming gradient.
+incoming gradient, the row's conditions folded into one scalar.
 """
 
 from __future__ import annotations
@@ -15,7 +18,25 @@ import triton.language as tl
 
 from ._layout import row_layout
 from ._table import ADV, DELTA, ENTROPY, GATE, LOSS, S_LOG2Z, S_REF, SAMPLED_K, TEACHER_KL
-from .logits import LOG2E, _load_row_block, _row_ptr, _row_token
+from ._common import any_nan, load_block, load_full, row_ptr, row_token, slot_state, tile
+from .logits import LOG2E, MIN_BLOCK_V
+
+
+@triton.jit
+def _fold_entropy(st, raw, scale2, GUARD: tl.constexpr):
+    """Per slot (raw max m, z = sum 2^(sc), acc = sum 2^(sc) sc), sc = (raw - m) scale2."""
+    m, z, acc = st
+    nm = tl.maximum(m, tl.max(raw, 1))
+    r = tl.where(nm == float("-inf"), 0.0, nm)
+    dms = tl.where(m == float("-inf"), 0.0, (m - r) * scale2)
+    al = tl.exp2(dms)
+    sc = (raw - r[:, None]) * scale2
+    e = tl.exp2(sc)
+    if GUARD:
+        es = tl.where(e == 0.0, 0.0, e * sc)
+    else:  # a -inf logit gives 0 * -inf = NaN: the row is read again with GUARD
+        es = e * sc
+    return nm, z * al + tl.sum(e, 1), (acc + dms * z) * al + tl.sum(es, 1)
 
 
 @triton.jit
@@ -28,26 +49,33 @@ def _sampled_fwd_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     LN2: tl.constexpr = 0.6931471805599453
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
-    y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
+    s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
+    y, valid, y_ok = row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)
 
-    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)
-    m_s = zero + NEG_INF  # running max of the raw logits
-    z_s = zero            # sum 2^((z - m_s) scale2)
-    acc_ss = zero         # sum 2^((z - m_s) scale2) (z - m_s) scale2
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
-        raw = _load_row_block(s_row, start + offs, s_stv, V, STRIDED_V)
-        nm_s = tl.maximum(m_s, tl.max(raw, 0))
-        r_s = tl.where(nm_s == NEG_INF, 0.0, nm_s)
-        dms = tl.where(m_s == NEG_INF, 0.0, (m_s - r_s) * scale2)
-        al_s = tl.exp2(dms)
-        sc = (raw - r_s) * scale2
-        e_s = tl.exp2(sc)
-        acc_ss = (acc_ss + dms * z_s) * al_s + tl.sum(tl.where(e_s == 0.0, 0.0, e_s * sc), 0)
-        z_s = z_s * al_s + tl.sum(e_s, 0)
-        m_s = nm_s
+    # per slot of the [BLOCK_V // SLOT, SLOT] tile: the raw running max, sum 2^((z - m) scale2)
+    # and sum 2^((z - m) scale2) (z - m) scale2; full blocks unmasked and unguarded, the
+    # partial last one masked and guarded
+    offs = tile(BLOCK_V)
+    empty = (slot_state(BLOCK_V, float("-inf")), slot_state(BLOCK_V, 0.0),
+             slot_state(BLOCK_V, 0.0))
+    st = empty
+    n_full = (n_cols // BLOCK_V) * BLOCK_V
+    for start in range(0, n_full, BLOCK_V):
+        st = _fold_entropy(st, load_full(s_row, start + offs, s_stv, STRIDED_V), scale2, False)
+    redo = any_nan(st[1] + st[2]) & (n_full > 0)  # a -inf (or NaN) logit in a full block
+    st = (tl.where(redo, float("-inf"), st[0]), tl.where(redo, 0.0, st[1]),
+          tl.where(redo, 0.0, st[2]))
+    for start in range(tl.where(redo, 0, n_full), n_cols, BLOCK_V):
+        st = _fold_entropy(st, load_block(s_row, start + offs, s_stv, V, STRIDED_V), scale2,
+                           True)
+    m, z, acc = st
+    m_s = tl.max(m, 0)
+    ref = tl.where(m_s == NEG_INF, 0.0, m_s)
+    dm = tl.where(m == NEG_INF, 0.0, (m - ref) * scale2)
+    w = tl.exp2(dm)
+    z_s = tl.sum(z * w, 0)
+    acc_ss = tl.sum((acc + dm * z) * w, 0)
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
     lz_s = tl.where(z_s == 0.0, float("inf"), tl.log2(z_s))  # a row without support: lp = -inf
 
@@ -90,18 +118,19 @@ def _sampled_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
-    gr = tl.load(GROW + row)
+    y, valid, y_ok = row_token(TOK, row, V, ignore_index)
+    n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
+    # the row's conditions as one scalar: 0 (masked), NaN (token id out of range), or
+    # -(A / tau) times the incoming gradient
+    coef = tl.where(valid, tl.where(y_ok, -(tl.load(ROWS + row * SAMPLED_K + ADV) * inv_temp)
+                                    * tl.load(GROW + row), float("nan")), 0.0)
     st = ROWS + row * SAMPLED_K
-    adv = tl.load(st + ADV)
     r_s = tl.load(st + S_REF)
     lz_s = tl.load(st + S_LOG2Z)
-    raw = _load_row_block(_row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, V,
-                          STRIDED_V)
+    raw = load_block(row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, n_cols, STRIDED_V)
     p = tl.exp2((raw - r_s) * scale2 - lz_s)
     onehot = (cols.to(tl.int64) == y).to(tl.float32)
-    gv = -(adv * inv_temp) * (onehot - p) * gr
-    gv = tl.where(valid, tl.where(y_ok, gv, float("nan")), 0.0)
+    gv = (onehot - p) * coef
     tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
 
 
@@ -120,7 +149,7 @@ def sampled_rows(student, teacher_logprobs, tokens, sign, opts, *, block_v=None)
     out = torch.empty(n, SAMPLED_K.value, dtype=torch.float32, device=student.device)
     if n == 0:
         return out
-    block = block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab))
+    block = max(MIN_BLOCK_V, block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab)))
     _sampled_fwd_kernel[(n,)](
         ls.tensor, teacher_logprobs, tokens, sign if sign is not None else tokens, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,

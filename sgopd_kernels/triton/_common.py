@@ -1,0 +1,172 @@
+"""Triton helpers shared by the row kernels: addressing, loads, and the online folds.
+
+A row is streamed in blocks of ``BLOCK_V`` logits. The forward kernels see a
+block as a ``[BLOCK_V // SLOT, SLOT]`` tile (:func:`tile`): each of its
+``BLOCK_V // SLOT`` slots is ``SLOT`` consecutive logits that one thread
+holds (one 128-bit load for bfloat16). Running state is kept per slot and
+reduced along the slot, inside the thread; the slots are combined across
+threads once per row (``combine_*``). Every fold comes in two forms, chosen
+by the constexpr ``GUARD``:
+
+- ``GUARD=True`` sanitizes every element (a product ``e * x`` is 0 where
+  ``e == 0``, the bridge is -inf off the joint support): exact for any input,
+  including -inf logits;
+- ``GUARD=False`` does no per-element sanitation. On finite logits it gives
+  the same values; a -inf logit turns some accumulator into NaN, which the
+  kernel detects once per row (:func:`any_nan`) to read that row again with
+  ``GUARD=True``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
+# logits per slot: 8 bfloat16 logits are one 128-bit load
+SLOT = tl.constexpr(8)
+
+
+@triton.jit
+def row_ptr(X, row, d1, st0, st1):
+    """The first element of row ``row`` of a tensor addressed as ``row_layout`` describes."""
+    return X + (row // d1) * st0 + (row % d1) * st1
+
+
+@triton.jit
+def row_token(TOK, row, V, ignore_index):
+    """The row's sampled token, whether the row counts, and whether the id is in [0, V)."""
+    y = tl.load(TOK + row).to(tl.int64)
+    return y, y != ignore_index, (y >= 0) & (y < V)
+
+
+@triton.jit
+def load_block(row, cols, stv, n, STRIDED_V: tl.constexpr):
+    """Raw logits at ``cols`` (any shape) as float32, -inf at and past column ``n``."""
+    if STRIDED_V:
+        ptrs = row + cols.to(tl.int64) * stv
+    else:
+        ptrs = row + cols
+    return tl.load(ptrs, mask=cols < n, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def load_full(row, cols, stv, STRIDED_V: tl.constexpr):
+    """Raw logits of a block that lies inside the row: no mask."""
+    if STRIDED_V:
+        ptrs = row + cols.to(tl.int64) * stv
+    else:
+        ptrs = row + cols
+    return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def tile(BLOCK_V: tl.constexpr):
+    """Column offsets of one block as a [BLOCK_V // SLOT, SLOT] tile (row-major)."""
+    return tl.arange(0, BLOCK_V // SLOT)[:, None] * SLOT + tl.arange(0, SLOT)[None, :]
+
+
+@triton.jit
+def slot_state(BLOCK_V: tl.constexpr, value):
+    """A per-slot vector of ``value``."""
+    return tl.full([BLOCK_V // SLOT], value, tl.float32)
+
+
+@triton.jit
+def online(raw, m, z, scale2):
+    """Fold a 1-D block of raw logits into (raw running max, sum 2^((raw - max) scale2))."""
+    nm = tl.maximum(m, tl.max(raw, 0))
+    r = tl.where(nm == float("-inf"), 0.0, nm)
+    z = z * tl.exp2(tl.where(m == float("-inf"), 0.0, (m - r) * scale2)) \
+        + tl.sum(tl.exp2((raw - r) * scale2), 0)
+    return nm, z
+
+
+@triton.jit
+def slot_ref(m, raw, f, scale):
+    """Move each slot's raw running max ``m`` over a tile ``raw``.
+
+    Returns the new max, its value in frame units ``c = (max - f) scale`` (the exponent
+    of an element is ``(raw - f) scale - c``, 0 at the max up to the rounding of one
+    product where the compiler contracts it into an FMA) and the factor that
+    rescales the slot's old sums. An empty slot (max -inf) has c = -f scale, its sums 0.
+    """
+    nm = tl.maximum(m, tl.max(raw, 1))
+    c = (tl.where(nm == float("-inf"), 0.0, nm) - f) * scale
+    al = tl.exp2(tl.where(m == float("-inf"), 0.0, (m - f) * scale - c))
+    return nm, c, al
+
+
+@triton.jit
+def fold_lse(st, raw, xf, f, scale):
+    """The online fold of one model, parametrized by its scale: st = (raw max, sum 2^(xf - c))
+    per slot, where ``xf = (raw - f) scale`` is the tile in frame units."""
+    m, z = st
+    nm, c, al = slot_ref(m, raw, f, scale)
+    return nm, z * al + tl.sum(tl.exp2(xf - c[:, None]), 1)
+
+
+@triton.jit
+def combine_lse(st, f, scale):
+    """Across slots: the row's (raw max, sum 2^(xf - C)) and each slot's weight 2^(c - C)."""
+    m, z = st
+    M = tl.max(m, 0)
+    C = (tl.where(M == float("-inf"), 0.0, M) - f) * scale
+    c = (tl.where(m == float("-inf"), 0.0, m) - f) * scale
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(c - C))
+    return M, tl.sum(z * w, 0), w
+
+
+@triton.jit
+def fold_bridge(st, x, sf, FKL: tl.constexpr, GUARD: tl.constexpr):
+    """Fold a tile of bridge values x (frame units, -inf off the support) into the per-slot
+    st = (max x, sum 2^(x - max), and for forward KL sum 2^(x - max) (x - max) and
+    sum 2^(x - max) sf)."""
+    m, z, ax, a_s = st
+    nm = tl.maximum(m, tl.max(x, 1))
+    ref = tl.where(nm == float("-inf"), 0.0, nm)
+    dm = tl.where(m == float("-inf"), 0.0, m - ref)
+    al = tl.exp2(dm)
+    xr = x - ref[:, None]
+    e = tl.exp2(xr)
+    if FKL:
+        if GUARD:
+            sx = tl.sum(tl.where(e == 0.0, 0.0, e * xr), 1)
+            ss = tl.sum(tl.where(e == 0.0, 0.0, e * sf), 1)
+        else:
+            sx = tl.sum(e * xr, 1)
+            ss = tl.sum(e * sf, 1)
+        ax = (ax + dm * z) * al + sx
+        a_s = a_s * al + ss
+    return nm, z * al + tl.sum(e, 1), ax, a_s
+
+
+@triton.jit
+def combine_bridge(st, FKL: tl.constexpr):
+    """Across slots: the row's (max x, sum 2^(x - max), and the forward-KL sums)."""
+    m, z, ax, a_s = st
+    M = tl.max(m, 0)
+    ref = tl.where(M == float("-inf"), 0.0, M)
+    dm = tl.where(m == float("-inf"), 0.0, m - ref)
+    w = tl.exp2(dm)
+    Z = tl.sum(z * w, 0)
+    if FKL:
+        AX = tl.sum((ax + dm * z) * w, 0)
+        AS = tl.sum(a_s * w, 0)
+    else:
+        AX = Z * 0.0
+        AS = Z * 0.0
+    return M, Z, AX, AS
+
+
+@triton.jit
+def bridge(tf, sf, a, b, support):
+    """x = a (t - f_t) + b (s - f_s) with a pinned rounding: forward and backward agree bitwise."""
+    return tl.where(support, tl.fma(a, tf, b * sf), float("-inf"))
+
+
+@triton.jit
+def any_nan(v):
+    """Whether a per-slot vector holds a NaN (one reduction)."""
+    s = tl.sum(v, 0)
+    return s != s
