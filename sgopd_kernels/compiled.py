@@ -503,8 +503,7 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts) ->
     """``grad_rows[r] * d loss_r / d student_logits[r]`` from the table of the forward: the
     categories' terms formed again (O(k), float64) from A, B, log Z_S and log P_S(tail), as
     the torch reference forms them from A and B."""
-    from .reference import (TOPK_DTYPE, _xmul, bridge_logits, logsumexp_or_empty,
-                            topk_grad_coefficients, topk_log_abs_tail, topk_teacher_categories)
+    from .reference import TOPK_DTYPE, topk_category_grads
 
     keep, lead, tok, tokens = _topk_call(student, tokens)
     n, k, vocab = tokens.numel(), ids.shape[-1], student.shape[-1]
@@ -520,17 +519,12 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts) ->
     lse = _joined(rows, T_LSE)
     ls = torch.where(held, z_at.reshape(n, k + 1).to(cdt) * inv_t - lse[:, None], -torch.inf)
     cat_s = torch.cat([ls, _joined(rows, T_TAIL)[:, None]], -1)
-    cat_t = topk_teacher_categories(tlp.to(cdt), None if ttl is None else ttl.to(cdt), present,
-                                    own, opts.tail_floor)
-    x = bridge_logits(cat_s, cat_t, rows[:, _rows.A, None].to(cdt),
-                      rows[:, _rows.B, None].to(cdt))
-    alpha, beta, _ = topk_grad_coefficients(cat_s, x, logsumexp_or_empty(x).unsqueeze(-1), opts)
+    values, log_tail, sign_tail = topk_category_grads(
+        cat_s, tlp.to(cdt), None if ttl is None else ttl.to(cdt), present, own,
+        rows[:, _rows.A, None].to(cdt), rows[:, _rows.B, None].to(cdt), opts)
     factor = grad_rows.reshape(-1).to(cdt) * inv_t
-    values = (_xmul(cat_s[:, :k + 1].exp(), alpha[:, :k + 1]) + beta[:, :k + 1]) \
-        * factor[:, None]
     nan = torch.full_like(factor, float("nan"))
-    values = torch.where(bad.unsqueeze(-1), nan[:, None], values).contiguous()
-    log_tail, sign_tail = topk_log_abs_tail(cat_s, x, alpha[:, -1], opts)
+    values = torch.where(bad.unsqueeze(-1), nan[:, None], values * factor[:, None]).contiguous()
     info = torch.stack([log_tail + factor.abs().log() - lse, sign_tail * torch.sign(factor)],
                        -1)
     info = torch.where(bad.unsqueeze(-1) | info.isnan().any(-1, keepdim=True), nan[:, None],

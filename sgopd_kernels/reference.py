@@ -487,6 +487,19 @@ def topk_log_abs_tail(cat_s, x, alpha_tail, opts):
     return torch.where(none, NEG_INF, log_abs), torch.where(none, 0.0, sign).to(log_abs.dtype)
 
 
+def topk_category_grads(cat_s, tlp, ttl, present, own, a, b, opts: RowOptions):
+    """The backward's O(k) terms from the student's categories ``cat_s`` (R, K + 2), the
+    teacher's top-k and the row's bridge coefficients ``a``, ``b`` (R, 1): tau times the
+    gradient at the slots and at y's own category (R, K + 1), and the tail's coefficient as
+    (log |.|, sign) (R,) each (:func:`topk_log_abs_tail`)."""
+    k = tlp.shape[-1]
+    cat_t = topk_teacher_categories(tlp, ttl, present, own, opts.tail_floor)
+    x = bridge_logits(cat_s, cat_t, a, b)
+    alpha, beta, _ = topk_grad_coefficients(cat_s, x, logsumexp_or_empty(x).unsqueeze(-1), opts)
+    values = _xmul(cat_s[:, :k + 1].exp(), alpha[:, :k + 1]) + beta[:, :k + 1]
+    return (values,) + topk_log_abs_tail(cat_s, x, alpha[:, -1], opts)
+
+
 def topk_scatter_grad(lp_s, log_tail, sign_tail, cols, values, opts: RowOptions):
     """The gradient (R, V): p_S times the tail's coefficient (given as its log |.| and sign,
     (R, 1) each: :func:`topk_log_abs_tail`) everywhere, then ``values`` (R, J) (tau times
@@ -544,17 +557,12 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts: Ro
         present, own, _ = topk_membership(ids[sl], tokens[sl], ttl is not None,
                                           opts.ignore_index)
         cat_s = topk_student_categories(lp_s, ids[sl], tokens[sl], present, own)
-        cat_t = topk_teacher_categories(tlp[sl].to(cdt), t_sl, present, own, opts.tail_floor)
-        x = bridge_logits(cat_s, cat_t, rows[sl, C.A, None].to(cdt), rows[sl, C.B, None].to(cdt))
-        alpha, beta, _ = topk_grad_coefficients(cat_s, x, logsumexp_or_empty(x).unsqueeze(-1),
-                                                opts)
-        k = ids.shape[-1]
+        values, log_tail, sign_tail = topk_category_grads(
+            cat_s, tlp[sl].to(cdt), t_sl, present, own, rows[sl, C.A, None].to(cdt),
+            rows[sl, C.B, None].to(cdt), opts)
         cols = torch.cat([torch.where(present, ids[sl], vocab),
                           torch.where(own, tokens[sl], vocab).unsqueeze(-1)], -1)
-        log_tail, sign_tail = topk_log_abs_tail(cat_s, x, alpha[:, -1], opts)
-        g = topk_scatter_grad(lp_s, log_tail[:, None], sign_tail[:, None], cols,
-                              _xmul(cat_s[:, :k + 1].exp(), alpha[:, :k + 1]) + beta[:, :k + 1],
-                              opts)
+        g = topk_scatter_grad(lp_s, log_tail[:, None], sign_tail[:, None], cols, values, opts)
         g = g * grad_rows[sl].to(cdt).unsqueeze(-1)
         grad[sl] = torch.where(valid[sl].unsqueeze(-1), g, torch.zeros_like(g)).to(student.dtype)
     return grad.view(shape)
