@@ -264,6 +264,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("V"), py::arg("g"),
       py::arg("per_row"), py::arg("stream"), py::arg("device"));
   m.def(
+      "cuda_topk_stream",
+      [](RowsT s, int64_t n, int64_t V, uintptr_t cols, int64_t J, double inv_temp,
+         uintptr_t tok, int64_t ignore_index, uintptr_t out, uintptr_t stream, int device) {
+        opd::Rows rs = rows_of(s, "student");
+        opd::cuda::check(opd::cuda::topk_stream(rs, n, V, ptr<const int64_t>(cols), J,
+                                                inv_temp, ptr<const int64_t>(tok), ignore_index,
+                                                ptr<double>(out), stream, device));
+      },
+      py::arg("student"), py::arg("n"), py::arg("V"), py::arg("cols"), py::arg("J"),
+      py::arg("inv_temp"), py::arg("tokens"), py::arg("ignore_index"), py::arg("out"),
+      py::arg("stream"), py::arg("device"));
+  m.def(
+      "cuda_topk_backward",
+      [](RowsT s, int64_t n, int64_t V, uintptr_t cols, int64_t J, uintptr_t values,
+         uintptr_t rowinfo, double inv_temp, uintptr_t tok, int64_t ignore_index, uintptr_t grad,
+         int grad_dtype, uintptr_t stream, int device) {
+        opd::Rows rs = rows_of(s, "student");
+        check_dtype(grad_dtype, "grad");
+        opd::cuda::check(opd::cuda::topk_backward(
+            rs, n, V, ptr<const int64_t>(cols), J, ptr<const double>(values),
+            ptr<const double>(rowinfo), inv_temp, ptr<const int64_t>(tok), ignore_index,
+            ptr<void>(grad), grad_dtype, stream, device));
+      },
+      py::arg("student"), py::arg("n"), py::arg("V"), py::arg("cols"), py::arg("J"),
+      py::arg("values"), py::arg("rowinfo"), py::arg("inv_temp"), py::arg("tokens"),
+      py::arg("ignore_index"), py::arg("grad"), py::arg("grad_dtype"), py::arg("stream"),
+      py::arg("device"));
+  m.def("cuda_topk_fits", &opd::cuda::topk_fits,
+        "whether the top-k stream takes rows of V columns with J categories on `device`",
+        py::arg("V"), py::arg("J"), py::arg("device"));
+  m.def(
       "cuda_plan",
       [](int64_t V, int s_dtype, int t_dtype, int device) {
         opd::Plan pl = opd::cuda::plan_for(V, s_dtype, t_dtype, device);
@@ -280,7 +311,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_archs") = "";
   m.def("cuda_device_count", []() { return 0; });
   for (const char* name : {"cuda_opd_forward", "cuda_opd_backward", "cuda_sampled_forward",
-                           "cuda_sampled_backward", "cuda_scale_grad", "cuda_plan",
+                           "cuda_sampled_backward", "cuda_scale_grad", "cuda_topk_stream",
+                           "cuda_topk_backward", "cuda_topk_fits", "cuda_plan",
                            "cuda_synchronize"})
     m.def(name, [](py::args, py::kwargs) { no_cuda(); });
 #endif

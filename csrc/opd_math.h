@@ -942,4 +942,156 @@ OPD_HD Plan plan_rows(int64_t V, int elt_s, int elt_t, int64_t smem_limit,
   return pl;
 }
 
+// ---------------------------------------------------------------------------
+// the top-k teacher's pass over the student's row, as the CUDA kernel folds it (the
+// CPU kernel folds the row in two passes instead; both give the sums of
+// cpu::topk_stream). The tail (the tokens outside the row's categories, `member`
+// bits) is summed against its own running maximum, one exponent per tail element;
+// the categories' own terms are added at the end from their logits, in double
+// (topk_finish). Every piece of the row (a thread's column groups) keeps one
+// maximum and VEC slots of sums; pieces combine by rescaling to the larger maximum.
+
+OPD_HD float finite_or_zero(float x) { return (x - x == 0.0f) ? x : 0.0f; }
+
+// A piece of the tail: its raw maximum m (-inf: nothing seen) and, against ref =
+// finite_or_zero(m), s = sum 2^((z - ref) scale2) and sz = sum 2^((z - ref) scale2)
+// (z - ref) inv_t.
+struct TopkPart {
+  float m, s, sz;
+};
+
+struct TopkAcc {  // one thread's running state: one maximum, VEC slots
+  float m;
+  float s[VEC], sz[VEC];
+};
+
+OPD_HD void topk_acc_init(TopkAcc& a) {
+  a.m = -f_inf();
+  for (int j = 0; j < VEC; ++j) a.s[j] = a.sz[j] = 0.0f;
+}
+
+// Move sums taken against finite_or_zero(m_old) to finite_or_zero(m_new) (m_new > m_old).
+// A piece that saw only -inf (m_old = -inf) holds 0 (or NaN) and is left as it is.
+OPD_HD bool topk_rescale_factor(float m_old, float m_new, float scale2, float inv_t,
+                                float* f, float* shift) {
+  if (!(m_old > -f_inf())) return false;
+  const float d = finite_or_zero(m_old) - finite_or_zero(m_new);
+  *f = ex2(mul_rn(d, scale2));
+  *shift = mul_rn(d, inv_t);
+  return true;
+}
+
+// Fold the group of `cnt` (<= VEC) consecutive columns z[0..cnt) whose bit j of `member`
+// is set where column j is a category (not part of the tail).
+OPD_HD void topk_fold_group(TopkAcc& a, const float* z, uint32_t member, int cnt,
+                            float scale2, float inv_t) {
+  float gm = -f_inf();
+  for (int j = 0; j < VEC; ++j)
+    if (j < cnt && !((member >> j) & 1u)) gm = fmax_(gm, z[j]);
+  if (gm > a.m) {  // (rare after the row's first groups)
+    float f, shift;
+    if (topk_rescale_factor(a.m, gm, scale2, inv_t, &f, &shift))
+      for (int j = 0; j < VEC; ++j) {
+        a.sz[j] = (a.sz[j] + a.s[j] * shift) * f;
+        a.s[j] *= f;
+      }
+    a.m = gm;
+  }
+  const float ref = finite_or_zero(a.m);
+  for (int j = 0; j < VEC; ++j) {
+    if (j < cnt && !((member >> j) & 1u)) {
+      const float d = add_rn(z[j], -ref);
+      const float e = ex2(mul_rn(d, scale2));
+      a.s[j] += e;
+      a.sz[j] += e == 0.0f ? 0.0f : e * mul_rn(d, inv_t);  // (0 log 0 = 0)
+    }
+  }
+}
+
+OPD_HD TopkPart topk_part(const TopkAcc& a) {
+  TopkPart p;
+  p.m = a.m;
+  p.s = 0.0f;
+  p.sz = 0.0f;
+  for (int j = 0; j < VEC; ++j) {
+    p.s += a.s[j];
+    p.sz += a.sz[j];
+  }
+  return p;
+}
+
+struct TopkOp {  // combines pieces of the tail (an instance: it needs the scales)
+  typedef TopkPart P;
+  float scale2, inv_t;
+  OPD_HD P id() const {
+    P p;
+    p.m = -f_inf();
+    p.s = p.sz = 0.0f;
+    return p;
+  }
+  OPD_HD P comb(P a, P b) const {
+    if (b.m > a.m) {  // a is the piece with the larger maximum
+      P t = a;
+      a = b;
+      b = t;
+    }
+    float f, shift;
+    if (topk_rescale_factor(b.m, a.m, scale2, inv_t, &f, &shift)) {
+      a.s += b.s * f;
+      a.sz += (b.sz + b.s * shift) * f;
+    } else {  // (b saw only -inf: 0, or NaN, which must reach the sums)
+      a.s += b.s;
+      a.sz += b.sz;
+    }
+    return a;
+  }
+};
+
+constexpr int TOPK_OUT = 5;  // the row's output before its J category logits
+
+// The row's output of cpu::topk_stream is formed from its tail and its J category
+// columns (raw logits zc[j]; a column outside the row is none):
+//   out[0] = m, the row's maximum of z / tau (0 where not finite); out[1] = the tail's;
+//   out[2] = sum e^(z/tau - m); out[3] = sum e^(z/tau - m) (z/tau - m);
+//   out[4] = the tail's sum e^(z/tau - out[1]); out[TOPK_OUT + j] = z/tau at column j
+//   (0 for none).
+// In three steps, so that the categories may be spread over threads: the row's raw
+// maximum mr = fmax_ of the tail's and every category's; each category's terms
+// (topk_cat_add, against m = topk_natural(mr)); then the tail's terms (topk_finish).
+OPD_HD double topk_natural(float raw, double inv_temp) {
+  return (double)finite_or_zero(raw) * inv_temp;
+}
+
+OPD_HD void topk_cat_add(float zc, double m, double inv_temp, double& se, double& sez) {
+  const double d = (double)zc * inv_temp - m;
+  const double e = exp(d);
+  se += e;
+  sez += e == 0.0 ? 0.0 : e * d;
+}
+
+OPD_HD void topk_finish(const TopkPart& tail, float mr, double se, double sez,
+                        double inv_temp, double* out) {
+  const double m = topk_natural(mr, inv_temp), mt = topk_natural(tail.m, inv_temp);
+  const double ts = (double)tail.s, tsz = (double)tail.sz;
+  if (ts != 0.0) {  // (no tail, or one of -inf only: nothing to add; NaN is added)
+    const double d = mt - m;
+    const double f = exp(d);
+    se += ts * f;
+    sez += (tsz + ts * d) * f;
+  }
+  out[0] = m;
+  out[1] = mt;
+  out[2] = se;
+  out[3] = sez;
+  out[4] = ts;
+}
+
+// The gradient at a tail element: sign e^(z / tau + off), the exponent formed in double
+// (off = log|alpha_tail g / tau| - log Z_S may lie far outside float32's range); 0 where
+// z = -inf (p_S = 0).
+OPD_HD float topk_tail_grad(float z, double inv_temp, double off, float sign) {
+  const float e = (float)(((double)z * inv_temp + off) * (double)LOG2E);
+  return z == -f_inf() ? 0.0f : sign * ex2(e);
+}
+
 }  // namespace opd

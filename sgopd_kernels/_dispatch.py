@@ -101,7 +101,8 @@ _UNAVAILABLE = {"torch": lambda device_type: None, "triton": _triton_unavailable
 
 CAPABILITIES = (
     Capability("cuda", "sgopd_kernels.compiled", None, frozenset({"cuda"}),
-               frozenset({"cuda"}), FLOATS, {"logits": (SINGLE,), "sampled": (SINGLE,)},
+               frozenset({"cuda"}), FLOATS,
+               {"logits": (SINGLE,), "sampled": (SINGLE,), "topk": (SINGLE,)},
                ALL_DIVERGENCES, stores_grad=True),
     Capability("triton", "sgopd_kernels.triton", "sgopd_kernels.triton.parallel",
                frozenset({"cuda", "cpu"}), frozenset({"cuda"}), FLOATS,
@@ -118,6 +119,11 @@ CAPABILITIES = (
                                           "topk": (SINGLE, PARALLEL)}, ALL_DIVERGENCES),
 )
 BY_NAME = {c.name: c for c in CAPABILITIES}
+# a family whose "auto" order differs from CAPABILITIES': the top-k loss tries Triton before
+# the compiled CUDA kernels (Triton forms the O(k) row terms in one kernel; the compiled
+# path forms them with torch operations on (N, k) tensors)
+AUTO_ORDER = {"topk": ("triton", "cuda", "cpu", "torch")}
+assert all(sorted(order) == sorted(BY_NAME) for order in AUTO_ORDER.values())
 BACKENDS = ("auto",) + tuple(BY_NAME)
 
 
@@ -148,7 +154,9 @@ def resolve(backend: str, device, dtype: Optional[torch.dtype], *, family: str =
     mode = PARALLEL if parallel else SINGLE
     divergence = Divergence.REVERSE_KL if family == "sampled" else divergence
     if backend == "auto":
-        for cap in CAPABILITIES:
+        order = [BY_NAME[name] for name in AUTO_ORDER[family]] if family in AUTO_ORDER \
+            else CAPABILITIES
+        for cap in order:
             if (dev in cap.auto_devices and cap.supports(family, mode)
                     and (dtype is None or dtype in cap.dtypes)
                     and cap.implements(family, divergence) and cap.unavailable(dev) is None):

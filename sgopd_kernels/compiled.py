@@ -24,6 +24,10 @@ estimator). Its shared columns (``sgopd_kernels._rows``): 0 loss, 1 delta, 2 gat
 sampled estimator: 5 = lambda * delta). The other columns are private to this
 backend and named below (``REF_S``...); masked rows are zeros everywhere.
 
+The top-k teacher (``topk_rows``, ``topk_rows_backward``; recompute only) runs its
+passes over the student's row compiled, on either device, and forms each row's O(k)
+terms with the torch reference's float64 code on the student's device.
+
 Nothing here reads a device tensor on the host: no synchronization.
 """
 
@@ -419,8 +423,9 @@ def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# the top-k teacher (CPU): the passes over the student's row are compiled, the O(k) terms
-# of each row are the torch reference's, in float64, from the pass's sums
+# the top-k teacher: the passes over the student's row are compiled (CPU and CUDA), the
+# O(k) terms of each row are the torch reference's, in float64, from the pass's sums (on
+# the student's device)
 
 T_LSE = _rows.PRIVATE["topk"]  # log Z_S of z / tau (natural), as float32 hi + lo
 T_TAIL = T_LSE + 2             # log P_S(tail) (natural; -inf: no tail), hi + lo
@@ -460,17 +465,20 @@ def _topk_columns(student, ids, tokens, ttl, ignore_index):
     return cols, present, own, cat_y, bad
 
 
-def _topk_call(student, tokens):
+def _topk_call(student, tokens, k):
     """The checks and arguments common to the top-k kernels: (the tensors to keep alive, the
     leading shape, the tokens' pointer, the tokens flattened)."""
     _check_logits("student_logits", student)
-    _require(student.device)
-    if student.device.type != "cpu":
-        raise NotImplementedError("the compiled top-k kernels run on CPU tensors only; use "
-                                  "backend='triton' for CUDA tensors")
+    dev = student.device
+    _require(dev)
+    if dev.type == "cuda" and not _C.cuda_topk_fits(student.shape[-1], k + 1, _where(dev)[1]):
+        raise NotImplementedError(
+            f"student_logits: rows of {student.shape[-1]} columns with k = {k} categories "
+            "overflow the CUDA top-k kernel's shared memory (a bitmap of the vocabulary); use "
+            "backend='triton'")
     keep: list = []
     lead = student.shape[:-1]
-    tok = _tokens(tokens, lead, student.device, keep)
+    tok = _tokens(tokens, lead, dev, keep)
     return keep, lead, tok, keep[-1]
 
 
@@ -478,16 +486,18 @@ def topk_rows(student, ids, tlp, ttl, tokens, sign, opts) -> torch.Tensor:
     """Forward of the top-k loss: the per-row table (N, WIDTH["topk"]), float32."""
     from .reference_parallel import topk_terms_from_sums
 
-    keep, lead, tok, tokens = _topk_call(student, tokens)
+    dev = student.device
+    keep, lead, tok, tokens = _topk_call(student, tokens, ids.shape[-1])
     n, k, vocab = tokens.numel(), ids.shape[-1], student.shape[-1]
-    table = torch.zeros(n, _rows.WIDTH["topk"], dtype=torch.float32)
+    table = torch.zeros(n, _rows.WIDTH["topk"], dtype=torch.float32, device=dev)
     if n == 0:
         return table
     cols, present, own, cat_y, bad = _topk_columns(student, ids, tokens, ttl, opts.ignore_index)
-    sums = torch.empty(n, _C.TOPK_STREAM_K + k + 1, dtype=torch.float64)
-    _C.cpu_topk_stream(_rows_arg(student.detach(), keep), n, vocab, cols.data_ptr(), k + 1,
-                       1.0 / float(opts.temperature), tok, int(opts.ignore_index),
-                       sums.data_ptr(), *_where(student.device))
+    sums = torch.empty(n, _C.TOPK_STREAM_K + k + 1, dtype=torch.float64, device=dev)
+    with _device_guard(dev):
+        _fn(dev, "topk_stream")(_rows_arg(student.detach(), keep), n, vocab, cols.data_ptr(),
+                                k + 1, 1.0 / float(opts.temperature), tok,
+                                int(opts.ignore_index), sums.data_ptr(), *_where(dev))
     valid = tokens != opts.ignore_index
     t = topk_terms_from_sums(sums[:, 0], sums[:, 1], sums[:, 2:5], sums[:, 5:], present, own,
                              cat_y, tlp, ttl, sign, valid, opts)
@@ -505,10 +515,11 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts) ->
     the torch reference forms them from A and B."""
     from .reference import TOPK_DTYPE, topk_category_grads
 
-    keep, lead, tok, tokens = _topk_call(student, tokens)
+    dev = student.device
+    keep, lead, tok, tokens = _topk_call(student, tokens, ids.shape[-1])
     n, k, vocab = tokens.numel(), ids.shape[-1], student.shape[-1]
-    grad = torch.empty(student.shape, dtype=student.dtype)
-    _check_table(rows, n, _rows.WIDTH["topk"], student.device)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=dev)
+    _check_table(rows, n, _rows.WIDTH["topk"], dev)
     if n == 0:
         return grad
     cdt = TOPK_DTYPE
@@ -529,8 +540,9 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts) ->
                        -1)
     info = torch.where(bad.unsqueeze(-1) | info.isnan().any(-1, keepdim=True), nan[:, None],
                        info).contiguous()
-    _C.cpu_topk_backward(_rows_arg(student.detach(), keep), n, vocab, cols.data_ptr(), k + 1,
-                         values.data_ptr(), info.data_ptr(), inv_t, tok,
-                         int(opts.ignore_index), grad.data_ptr(), _DTYPE_CODE[student.dtype],
-                         *_where(student.device))
+    with _device_guard(dev):
+        _fn(dev, "topk_backward")(_rows_arg(student.detach(), keep), n, vocab, cols.data_ptr(),
+                                  k + 1, values.data_ptr(), info.data_ptr(), inv_t, tok,
+                                  int(opts.ignore_index), grad.data_ptr(),
+                                  _DTYPE_CODE[student.dtype], *_where(dev))
     return grad

@@ -159,10 +159,32 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(TypeError, match="float64"):
         sk.resolve_backend("triton", "cpu", torch.float64)
     if HAS_CUDA:
-        assert sk.resolve_backend("auto", "cuda") == "triton"
+        assert sk.resolve_backend("auto", "cuda") == (
+            "cuda" if compiled.available("cuda") else "triton")
+        assert sk.resolve_backend("auto", "cuda", family="topk") == "triton"
         assert sk.resolve_backend("auto", "cuda", torch.float64) == "torch"
         assert sk.resolve_backend("auto", "cuda", parallel=True) == "triton"
         assert sk.resolve_backend("auto", "cuda", family="sampled", parallel=True) == "torch"
+
+
+def test_auto_on_cuda_tensors_as_if_every_backend_ran(monkeypatch):
+    """The choice on CUDA tensors, with every backend made available: the compiled kernels for
+    the logits and sampled losses, Triton first for the top-k one (whose O(k) row terms it forms
+    in one kernel), then the compiled CUDA kernels."""
+    from sgopd_kernels import _dispatch
+
+    monkeypatch.setitem(_dispatch._UNAVAILABLE, "cuda", lambda device_type: None)
+    monkeypatch.setitem(_dispatch._UNAVAILABLE, "triton", lambda device_type: None)
+    assert sk.resolve_backend("auto", "cuda") == "cuda"
+    assert sk.resolve_backend("auto", "cuda", family="sampled") == "cuda"
+    assert sk.resolve_backend("auto", "cuda", family="topk") == "triton"
+    assert sk.resolve_backend("cuda", "cuda", family="topk") == "cuda"
+    assert sk.resolve_backend("auto", "cuda", family="topk", divergence="jsd") == "triton"
+    monkeypatch.setitem(_dispatch._UNAVAILABLE, "triton", lambda device_type: "not here")
+    assert sk.resolve_backend("auto", "cuda", family="topk") == "cuda"
+    assert sk.resolve_backend("auto", "cuda", family="topk", parallel=True) == "torch"
+    with pytest.raises(NotImplementedError, match="process_group"):
+        sk.resolve_backend("cuda", "cuda", family="topk", parallel=True)
 
 
 # --------------------------------------------------------------------------- semantics

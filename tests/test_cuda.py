@@ -13,16 +13,21 @@ adversarial rows, determinism, the scaling kernel and CUDA-graph capture.
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
+import sgopd_kernels as sk
 from sgopd_kernels import _ext, _rows as C, compiled
 from compiled_harness import gated_loss, make_opts, sampled_loss
-from helpers import assert_grad_close, assert_loss_close, oracle_opd
+from helpers import assert_grad_close, assert_loss_close, oracle_opd, oracle_topk
+from topk_cases import check_against_oracle, draw_case, top_heavy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
@@ -85,6 +90,24 @@ def test_nvcc_present_means_cuda_part_built_with_sm90a():
     assert "compute_80" in ptx.stdout or "sm_80" in ptx.stdout, ptx.stdout + ptx.stderr
 
 
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc")
+def test_cuda_kernels_use_no_local_memory(tmp_path):
+    """Every kernel's sm_90a code keeps its arrays in registers: no stack frame, no spills
+    (ptxas's report; a loop over a runtime count indexing a small array puts it in local
+    memory, one load and store per element)."""
+    out = subprocess.run(
+        [_nvcc(), "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "-Xptxas", "-v",
+         "-I" + os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda", "kernels.cu"),
+         "-o", str(tmp_path / "kernels.cubin")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
+                        r"loads", out.stderr)
+    kernels = re.findall(r"Compiling entry function '(\w+)'", out.stderr)
+    assert len(frames) == len(kernels) and any("topk_stream" in k for k in kernels), out.stderr
+    bad = [(k, f) for k, f in zip(kernels, frames) if f != ("0", "0", "0")]
+    assert not bad, bad
+
+
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 def test_cluster_split_on_the_host(tmp_path):
     """The CUDA kernels' row programs under an emulation of their reductions: cluster sizes
@@ -100,6 +123,25 @@ def test_cluster_split_on_the_host(tmp_path):
     run = subprocess.run([exe], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:]
     for part in ("ok plan", "ok opd", "ok sampled", "ok all"):
+        assert part in run.stdout, run.stdout[-2000:]
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+def test_topk_split_on_the_host(tmp_path):
+    """The CUDA top-k kernels' row logic (a bitmap of the categories, one running maximum per
+    thread, the block's tree, warp 0's category terms) under an emulation of their layout, for
+    block sizes 64 and 256, against the CPU kernels' two-pass sums and their gradient."""
+    exe = str(tmp_path / "topk_split")
+    build = subprocess.run(
+        [CXX, "-O2", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno",
+         "-fno-trapping-math", "-DSGOPD_NO_CLONES",
+         os.path.join(ROOT, "csrc", "tests", "topk_split.cpp"),
+         os.path.join(ROOT, "csrc", "cpu", "kernels.cpp"), "-o", exe, "-pthread"],
+        capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:]
+    for part in ("ok top-heavy", "ok large logits", "ok -inf and NaN", "ok k > warp", "ok all"):
         assert part in run.stdout, run.stdout[-2000:]
 
 
@@ -298,3 +340,89 @@ def test_cuda_graph_capture_of_forward_and_backward():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+# ---------------------------------------------------------------------------
+# the top-k teacher on a GPU
+
+needs_cuda_topk = pytest.mark.skipif(
+    not compiled.available("cuda"),
+    reason="needs a CUDA GPU and the module's CUDA part (built where nvcc is); without a GPU "
+           "the top-k kernels' row logic is tested on the host (test_topk_split_on_the_host)")
+
+def _topk_inputs(n, vocab, k, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    s = (3 * torch.randn(n, vocab, generator=gen)).to(dtype)
+    lp = torch.log_softmax(2 * torch.randn(n, vocab, generator=gen), -1)
+    ids = lp.topk(k, -1).indices
+    tlp = lp.gather(-1, ids)
+    ids[::3, -1] = -1  # unused slots
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    y[1] = ids[1, 0]  # a token among the ids
+    y[2] = -100
+    return s, ids, tlp, y
+
+
+@needs_cuda_topk
+@pytest.mark.parametrize("vocab", [61, 4099, 151936])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", DIVS)
+def test_cuda_topk_matches_cpu_kernels(vocab, dtype, divergence):
+    """The CUDA top-k passes against the CPU ones (held to the oracle in test_compiled.py):
+    the table, and the gradient of the recompute backward; deterministic."""
+    s, ids, tlp, y = _topk_inputs(6 if vocab > 100000 else 24, vocab, min(20, vocab), vocab % 89,
+                                  dtype)
+    n = s.shape[0]
+    sign = torch.tensor([1.0, -1.0, 0.0] * (n // 3))
+    opts = make_opts(divergence=divergence, beta=0.2, temperature=0.9, tail_floor=1e-6)
+    ttl = -6 - torch.rand(n)
+    args = (s, ids, tlp, ttl, y)
+    tab = compiled.topk_rows(*args, sign, opts)
+    tab_c = compiled.topk_rows(*(a.cuda() for a in args), sign.cuda(), opts)
+    _close_tables(tab_c, tab, f"top-k table V={vocab}")
+    gr = torch.rand(n)
+    g = compiled.topk_rows_backward(gr, *args, tab, opts)
+    g_c = compiled.topk_rows_backward(gr.cuda(), *(a.cuda() for a in args), tab_c, opts)
+    _close_grads(g_c, g, f"top-k grad V={vocab}")
+    again = compiled.topk_rows(*(a.cuda() for a in args), sign.cuda(), opts)
+    assert torch.equal(again, tab_c)
+
+
+@needs_cuda_topk
+@pytest.mark.filterwarnings("ignore:verifier. a float tensor")
+@settings(max_examples=25, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_cuda_topk_matches_oracle(data):
+    """The adversarial cases of the Triton and CPU top-k tests, on the CUDA kernels."""
+    check_against_oracle("cuda", "cuda", *draw_case(data.draw))
+
+
+@needs_cuda_topk
+def test_cuda_topk_tail_when_the_top_k_holds_nearly_all():
+    gen = torch.Generator().manual_seed(0)
+    n, vocab, k = 6, 3000, 8
+    s = 0.5 * torch.randn(n, vocab, generator=gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    s = top_heavy(s.scatter_add(-1, ids, 6.0 + torch.randn(n, k, generator=gen)), ids, 1e-12)
+    tlp = torch.log_softmax(torch.randn(n, vocab, generator=gen), -1).gather(-1, ids)
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    for divergence in DIVS:
+        kw = dict(divergence=divergence, reduction="sum")
+        x = s.cuda().requires_grad_(True)
+        loss = sk.topk_opd_loss(x, ids.cuda(), tlp.cuda(), y.cuda(), backend="cuda", **kw)
+        (g,) = torch.autograd.grad(loss, x)
+        want, _, g_want = oracle_topk(s, ids, tlp, None, y, **kw)
+        _, _, g_eager = oracle_topk(s, ids, tlp, None, y, dtype=torch.float32, **kw)
+        assert_loss_close(loss.cpu().reshape(1), want.reshape(1))
+        assert_grad_close(g.cpu(), g_want, torch.float32, g_eager)
+
+
+@needs_cuda_topk
+def test_cuda_topk_refuses_rows_beyond_its_shared_memory():
+    s = torch.zeros(1, 1 << 23, device="cuda", dtype=torch.bfloat16)
+    ids = torch.zeros(1, 4, dtype=torch.long, device="cuda")
+    with pytest.raises(NotImplementedError, match="student_logits.*triton"):
+        sk.topk_opd_loss(s, ids, torch.zeros(1, 4, device="cuda"),
+                         torch.zeros(1, dtype=torch.long, device="cuda"), backend="cuda")

@@ -587,7 +587,6 @@ OPD_CLONES void scale_row(void* row, int dtype, int64_t V, float g) {
 
 namespace {
 OPD_INLINE bool in_row(int64_t c, int64_t V) { return c >= 0 && c < V; }
-OPD_INLINE float finite_or_zero(float x) { return (x - x == 0.0f) ? x : 0.0f; }
 
 // The row's maximum and its maximum outside the categories (mark[v] = 1 inside).
 OPD_CLONES void topk_row_max(const float* __restrict s, const uint8_t* __restrict mark,
@@ -652,16 +651,11 @@ OPD_CLONES void topk_row_sums(const float* __restrict s, const uint8_t* __restri
   out[2] = c;
 }
 
-// sign 2^((z / tau + off) log2 e), the exponent formed in double (0 where z = -inf)
+// topk_tail_grad (opd_math.h) over the row
 template <int DT>
 OPD_INLINE void topk_tail_loop(const float* __restrict s, int64_t V, double inv_temp,
                                double off, float sign, void* __restrict out) {
-  const double l2e = (double)LOG2E;
-  for (int64_t v = 0; v < V; ++v) {
-    float e = (float)(((double)s[v] * inv_temp + off) * l2e);
-    float g = s[v] == -f_inf() ? 0.0f : sign * ex2(e);  // (p_S = 0: 0, as 0 log 0)
-    store<DT>(out, v, g);
-  }
+  for (int64_t v = 0; v < V; ++v) store<DT>(out, v, topk_tail_grad(s[v], inv_temp, off, sign));
 }
 
 OPD_CLONES void topk_row_tail_grad(const float* s, int64_t V, double inv_temp, double off,
@@ -678,6 +672,7 @@ OPD_CLONES void topk_row_tail_grad(const float* s, int64_t V, double inv_temp, d
 void topk_stream(const Rows& s, int64_t n, int64_t V, const int64_t* cols, int64_t J,
                  double inv_temp, const int64_t* tok, int64_t ignore_index, double* out,
                  int nthreads) {
+  static_assert(TOPK_STREAM_K == TOPK_OUT, "the CPU and CUDA passes give the same output");
   const int64_t W = TOPK_STREAM_K + J;
   const float scale2 = (float)(inv_temp * (double)LOG2E);
   const float inv_t = (float)inv_temp;

@@ -122,10 +122,11 @@ __device__ __forceinline__ P shfl_xor(const P& v, int m) {
   return out;
 }
 
+// (Op's comb and id are called on an instance: an op may carry parameters)
 template <class Op>
-__device__ __forceinline__ typename Op::P warp_reduce(typename Op::P v) {
+__device__ __forceinline__ typename Op::P warp_reduce(typename Op::P v, const Op& op = Op()) {
 #pragma unroll
-  for (int m = 16; m >= 1; m >>= 1) v = Op::comb(v, shfl_xor(v, m));
+  for (int m = 16; m >= 1; m >>= 1) v = op.comb(v, shfl_xor(v, m));
   return v;
 }
 
@@ -137,17 +138,17 @@ struct Scratch {
 };
 
 template <class Op>
-__device__ typename Op::P block_reduce(typename Op::P v, Scratch& sc) {
+__device__ typename Op::P block_reduce(typename Op::P v, Scratch& sc, const Op& op = Op()) {
   typedef typename Op::P P;
   static_assert(sizeof(P) <= 32, "a part fits a 32-byte slot");
   P* w = reinterpret_cast<P*>(sc.warps);
-  v = warp_reduce<Op>(v);
+  v = warp_reduce<Op>(v, op);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) w[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    P x = lane < NWARPS ? w[lane] : Op::id();
-    x = warp_reduce<Op>(x);
+    P x = lane < NWARPS ? w[lane] : op.id();
+    x = warp_reduce<Op>(x, op);
     if (lane == 0) w[NWARPS] = x;
   }
   __syncthreads();
@@ -272,8 +273,10 @@ template <class TS>
 __device__ __forceinline__ void store_group(TS* out, int64_t c, int m, const float* g) {
   if (m == VEC && aligned16(out + c)) {
     store_vec(out + c, g);
-  } else {
-    for (int j = 0; j < m; ++j) out[c + j] = Elt<TS>::from_f(g[j]);
+  } else {  // (unrolled with constant indices: g stays in registers, not in local memory)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (j < m) out[c + j] = Elt<TS>::from_f(g[j]);
   }
 }
 
@@ -493,6 +496,127 @@ __global__ void scale_kernel(T* grad, int64_t n, int64_t V, const float* g, bool
 }
 
 // ---------------------------------------------------------------------------
+// the top-k teacher: the passes over the student's row (the O(k) terms of the loss are
+// formed outside, from the stream's sums: sgopd_kernels/compiled.py)
+//
+// One block per row (a grid-stride loop over rows). The row's category columns are
+// marked in a bitmap in shared memory (V bits); each thread folds its column groups
+// into a TopkAcc (opd_math.h: the tail against its own running maximum, one exponent
+// per tail element), one block reduction combines the threads, and warp 0 adds the
+// categories' own terms in double. The backward writes the tail's gradient everywhere,
+// then (after a barrier) the categories' values over it.
+
+struct TopkArgs {
+  RowsArg s;
+  int64_t n, V, J, words;
+  const int64_t* cols;    // (n, J): the category columns (outside [0, V): none)
+  const int64_t* tok;
+  int64_t ignore_index;
+  double inv_temp;
+  float scale2, inv_t;
+  double* out;            // stream: (n, TOPK_OUT + J)
+  const double* values;   // backward: (n, J), the categories' gradient
+  const double* rowinfo;  // backward: (n, 2), the tail's offset and sign
+  void* grad;             // backward: (n, V)
+};
+
+__device__ __forceinline__ bool in_row(int64_t v, int64_t V) { return v >= 0 && v < V; }
+
+__device__ __forceinline__ double warp_sum_d(double x) {
+#pragma unroll
+  for (int m = 16; m >= 1; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max_f(float x) {
+#pragma unroll
+  for (int m = 16; m >= 1; m >>= 1) x = fmax_(x, __shfl_xor_sync(0xffffffffu, x, m));
+  return x;
+}
+
+template <class TS>
+__global__ void __launch_bounds__(NT) topk_stream_kernel(TopkArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ Scratch sc;
+  uint32_t* bits = reinterpret_cast<uint32_t*>(smem);  // a.words
+  float* zc = reinterpret_cast<float*>(bits + a.words);  // a.J raw logits
+  const TopkOp op{a.scale2, a.inv_t};
+  const int64_t W = TOPK_OUT + a.J;
+  for (int64_t row = blockIdx.x; row < a.n; row += gridDim.x) {
+    double* o = a.out + row * W;
+    if (a.tok[row] == a.ignore_index) {  // a masked row reads nothing
+      for (int64_t k = threadIdx.x; k < W; k += NT) o[k] = 0.0;
+      continue;
+    }
+    const TS* srow = row_start<TS>(a.s, row);
+    const int64_t* c = a.cols + row * a.J;
+    for (int64_t w = threadIdx.x; w < a.words; w += NT) bits[w] = 0u;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < a.J; j += NT) {
+      const int64_t v = c[j];
+      const bool in = in_row(v, a.V);
+      if (in) atomicOr(&bits[v >> 5], 1u << (v & 31));  // (an OR: any order gives the same)
+      zc[j] = in ? f32(srow[v * a.s.stv]) : 0.0f;
+      o[TOPK_OUT + j] = in ? (double)zc[j] * a.inv_temp : 0.0;
+    }
+    __syncthreads();
+    Piece<TS, false> S{srow, a.s.stv, nullptr, 0, a.V};
+    TopkAcc acc;
+    topk_acc_init(acc);
+    for (int64_t g = (int64_t)VEC * threadIdx.x; g < a.V; g += (int64_t)VEC * NT) {
+      const int m = a.V - g < VEC ? (int)(a.V - g) : VEC;
+      float z[VEC];
+      S.group(g, m, z);
+      // (g is a multiple of VEC = 8: its bits lie in one word)
+      const uint32_t member = (bits[g >> 5] >> (g & 31)) & 0xffu;
+      topk_fold_group(acc, z, member, m, a.scale2, a.inv_t);
+    }
+    const TopkPart tail = block_reduce<TopkOp>(topk_part(acc), sc, op);
+    if (threadIdx.x < 32) {  // warp 0: the categories (fixed lanes and tree: deterministic)
+      float mr = tail.m;
+      for (int64_t j = threadIdx.x; j < a.J; j += 32)
+        if (in_row(c[j], a.V)) mr = fmax_(mr, zc[j]);
+      mr = warp_max_f(mr);
+      const double m = topk_natural(mr, a.inv_temp);
+      double se = 0.0, sez = 0.0;
+      for (int64_t j = threadIdx.x; j < a.J; j += 32)
+        if (in_row(c[j], a.V)) topk_cat_add(zc[j], m, a.inv_temp, se, sez);
+      se = warp_sum_d(se);
+      sez = warp_sum_d(sez);
+      if (threadIdx.x == 0) topk_finish(tail, mr, se, sez, a.inv_temp, o);
+    }
+    __syncthreads();  // the bitmap and zc are rewritten for the next row
+  }
+}
+
+template <class TS>
+__global__ void __launch_bounds__(NT) topk_bwd_kernel(TopkArgs a) {
+  for (int64_t row = blockIdx.x; row < a.n; row += gridDim.x) {
+    TS* out = reinterpret_cast<TS*>(a.grad) + row * a.V;
+    if (a.tok[row] == a.ignore_index) {
+      fill_piece(out, 0, a.V, 0.0f);
+      continue;
+    }
+    const double off = a.rowinfo[row * 2];
+    const float sign = (float)a.rowinfo[row * 2 + 1];
+    Piece<TS, false> S{row_start<TS>(a.s, row), a.s.stv, nullptr, 0, a.V};
+    for (int64_t g = (int64_t)VEC * threadIdx.x; g < a.V; g += (int64_t)VEC * NT) {
+      const int m = a.V - g < VEC ? (int)(a.V - g) : VEC;
+      float z[VEC], gv[VEC];
+      S.group(g, m, z);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) gv[j] = topk_tail_grad(z[j], a.inv_temp, off, sign);
+      store_group(out, g, m, gv);
+    }
+    __syncthreads();  // the categories' values overwrite the tail's, after every store
+    const int64_t* c = a.cols + row * a.J;
+    for (int64_t j = threadIdx.x; j < a.J; j += NT)
+      if (in_row(c[j], a.V)) out[c[j]] = Elt<TS>::from_f((float)a.values[row * a.J + j]);
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------
 // host side
 
 struct DeviceInfo {
@@ -708,6 +832,81 @@ int scale_grad(void* grad, int dtype, int64_t n, int64_t V, const float* g, bool
   if (e != cudaSuccess) return e;
   const int sms = info(device).sms;
   OPD_DISPATCH1(dtype, scale_typed, grad, n, V, g, per_row, (cudaStream_t)stream, sms);
+}
+
+// the bitmap of the categories and their J logits
+static int64_t topk_smem(int64_t V, int64_t J) { return ((V + 31) / 32) * 4 + J * 4; }
+
+bool topk_fits(int64_t V, int64_t J, int device) {
+  return topk_smem(V, J) <= info(device).smem_optin - (int64_t)sizeof(Scratch) - 1024;
+}
+
+static TopkArgs topk_args(const Rows& s, int64_t n, int64_t V, const int64_t* cols, int64_t J,
+                          double inv_temp, const int64_t* tok, int64_t ignore_index) {
+  TopkArgs a = {};
+  a.s = RowsArg{s.ptr, s.d1, s.st0, s.st1, s.stv};
+  a.n = n;
+  a.V = V;
+  a.J = J;
+  a.words = (V + 31) / 32;
+  a.cols = cols;
+  a.tok = tok;
+  a.ignore_index = ignore_index;
+  a.inv_temp = inv_temp;
+  a.scale2 = (float)(inv_temp * (double)LOG2E);
+  a.inv_t = (float)inv_temp;
+  return a;
+}
+
+static unsigned topk_grid(int64_t n, int device) {
+  const int64_t cap = (int64_t)info(device).sms * 16;
+  return (unsigned)(n < cap ? n : cap);
+}
+
+template <class TS>
+static int topk_stream_typed(TopkArgs a, int64_t smem, unsigned grid, cudaStream_t st) {
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(topk_stream_kernel<TS>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  topk_stream_kernel<TS><<<grid, NT, (size_t)smem, st>>>(a);
+  return cudaGetLastError();
+}
+
+int topk_stream(const Rows& s, int64_t n, int64_t V, const int64_t* cols, int64_t J,
+                double inv_temp, const int64_t* tok, int64_t ignore_index, double* out,
+                uintptr_t stream, int device) {
+  if (n == 0) return 0;
+  cudaError_t e = cudaSetDevice(device);
+  if (e != cudaSuccess) return e;
+  if (!topk_fits(V, J, device)) return cudaErrorInvalidValue;  // (compiled.py refuses first)
+  const int64_t smem = topk_smem(V, J);
+  TopkArgs a = topk_args(s, n, V, cols, J, inv_temp, tok, ignore_index);
+  a.out = out;
+  OPD_DISPATCH1(s.dtype, topk_stream_typed, a, smem, topk_grid(n, device),
+                (cudaStream_t)stream);
+}
+
+template <class TS>
+static int topk_bwd_typed(TopkArgs a, unsigned grid, cudaStream_t st) {
+  topk_bwd_kernel<TS><<<grid, NT, 0, st>>>(a);
+  return cudaGetLastError();
+}
+
+int topk_backward(const Rows& s, int64_t n, int64_t V, const int64_t* cols, int64_t J,
+                  const double* values, const double* rowinfo, double inv_temp,
+                  const int64_t* tok, int64_t ignore_index, void* grad, int grad_dtype,
+                  uintptr_t stream, int device) {
+  if (n == 0) return 0;
+  if (grad_dtype != s.dtype) return cudaErrorInvalidValue;
+  cudaError_t e = cudaSetDevice(device);
+  if (e != cudaSuccess) return e;
+  TopkArgs a = topk_args(s, n, V, cols, J, inv_temp, tok, ignore_index);
+  a.values = values;
+  a.rowinfo = rowinfo;
+  a.grad = grad;
+  OPD_DISPATCH1(s.dtype, topk_bwd_typed, a, topk_grid(n, device), (cudaStream_t)stream);
 }
 
 int device_count() {

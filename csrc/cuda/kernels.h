@@ -31,6 +31,19 @@ int sampled_backward(const Rows& s, int64_t n, int64_t V, const int64_t* tok,
 int scale_grad(void* grad, int dtype, int64_t n, int64_t V, const float* g, bool per_row,
                uintptr_t stream, int device);
 
+// The top-k teacher's passes (as cpu::topk_stream and cpu::topk_backward; one block per
+// row, the categories marked in a bitmap of V bits in shared memory).
+int topk_stream(const Rows& s, int64_t n, int64_t V, const int64_t* cols, int64_t J,
+                double inv_temp, const int64_t* tok, int64_t ignore_index, double* out,
+                uintptr_t stream, int device);
+int topk_backward(const Rows& s, int64_t n, int64_t V, const int64_t* cols, int64_t J,
+                  const double* values, const double* rowinfo, double inv_temp,
+                  const int64_t* tok, int64_t ignore_index, void* grad, int grad_dtype,
+                  uintptr_t stream, int device);
+// Whether topk_stream takes rows of V columns with J categories on `device` (its bitmap
+// and the categories' logits, ceil(V / 32) + J words, fit a block's shared memory).
+bool topk_fits(int64_t V, int64_t J, int device);
+
 // The plan a launch on `device` would use for rows of V columns (see opd::plan_rows).
 Plan plan_for(int64_t V, int s_dtype, int t_dtype, int device);
 
