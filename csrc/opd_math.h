@@ -981,6 +981,9 @@ OPD_HD bool topk_rescale_factor(float m_old, float m_new, float scale2, float in
   return true;
 }
 
+// s * shift, 0 where shift is 0 (two pieces whose maximum is +inf: s is +inf there)
+OPD_HD float topk_shifted(float s, float shift) { return shift == 0.0f ? 0.0f : s * shift; }
+
 // Fold the group of `cnt` (<= VEC) consecutive columns z[0..cnt) whose bit j of `member`
 // is set where column j is a category (not part of the tail).
 OPD_HD void topk_fold_group(TopkAcc& a, const float* z, uint32_t member, int cnt,
@@ -992,7 +995,7 @@ OPD_HD void topk_fold_group(TopkAcc& a, const float* z, uint32_t member, int cnt
     float f, shift;
     if (topk_rescale_factor(a.m, gm, scale2, inv_t, &f, &shift))
       for (int j = 0; j < VEC; ++j) {
-        a.sz[j] = (a.sz[j] + a.s[j] * shift) * f;
+        a.sz[j] = (a.sz[j] + topk_shifted(a.s[j], shift)) * f;
         a.s[j] *= f;
       }
     a.m = gm;
@@ -1038,7 +1041,7 @@ struct TopkOp {  // combines pieces of the tail (an instance: it needs the scale
     float f, shift;
     if (topk_rescale_factor(b.m, a.m, scale2, inv_t, &f, &shift)) {
       a.s += b.s * f;
-      a.sz += (b.sz + b.s * shift) * f;
+      a.sz += (b.sz + topk_shifted(b.s, shift)) * f;
     } else {  // (b saw only -inf: 0, or NaN, which must reach the sums)
       a.s += b.s;
       a.sz += b.sz;
@@ -1077,7 +1080,7 @@ OPD_HD void topk_finish(const TopkPart& tail, float mr, double se, double sez,
     const double d = mt - m;
     const double f = exp(d);
     se += ts * f;
-    sez += (tsz + ts * d) * f;
+    sez += (tsz + (d == 0.0 ? 0.0 : ts * d)) * f;  // (d = 0: a tail whose maximum is +inf)
   }
   out[0] = m;
   out[1] = mt;

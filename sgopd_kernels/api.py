@@ -69,7 +69,7 @@ def resolve_backend(backend: str = "auto", device: Union[Tensor, torch.device, s
     :func:`~sgopd_kernels.fused_linear_topk_opd_loss`); ``parallel`` means a
     ``process_group`` is set.
     ``"auto"`` picks, for CUDA tensors, the compiled CUDA kernels when built,
-    else Triton; for CPU tensors the compiled CPU kernels when built, else
+    else Triton (for "topk": Triton first, then the compiled CUDA kernels); for CPU tensors the compiled CPU kernels when built, else
     the torch reference; float64 always runs the torch reference. A named
     backend that cannot run here raises (RuntimeError; NotImplementedError for
     a loss or mode it does not implement; TypeError for a dtype it does not take).

@@ -475,7 +475,7 @@ def _topk_call(student, tokens, k):
         raise NotImplementedError(
             f"student_logits: rows of {student.shape[-1]} columns with k = {k} categories "
             "overflow the CUDA top-k kernel's shared memory (a bitmap of the vocabulary); use "
-            "backend='triton'")
+            "backend='triton' or backend='torch'")
     keep: list = []
     lead = student.shape[:-1]
     tok = _tokens(tokens, lead, dev, keep)

@@ -685,7 +685,7 @@ static int launch_rows(K kernel_res, K kernel_str, OpdArgs a, Plan pl, cudaStrea
     a.cluster = pl.cluster;
     a.chunk = pl.chunk;
     cudaError_t e = cudaSuccess;
-    if (pl.resident && pl.smem_bytes > 48 * 1024)
+    if (pl.resident && pl.smem_bytes + (int64_t)sizeof(Scratch) > 48 * 1024)
       e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                (int)pl.smem_bytes);
     if (e != cudaSuccess) return e;
@@ -865,7 +865,8 @@ static unsigned topk_grid(int64_t n, int device) {
 
 template <class TS>
 static int topk_stream_typed(TopkArgs a, int64_t smem, unsigned grid, cudaStream_t st) {
-  if (smem > 48 * 1024) {
+  // (the default limit, 48 KiB, holds the static Scratch too)
+  if (smem + (int64_t)sizeof(Scratch) > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(topk_stream_kernel<TS>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;

@@ -4,7 +4,7 @@
 // VEC (tid + k NT), its categories marked in a bitmap of V bits; the xor-shuffle tree
 // of each warp, then the tree over the warps; warp 0 adds the categories' terms, lane
 // j + 32 i, with a butterfly in double). For block sizes 64 and 256, on adversarial
-// rows (a tail of 1e-12 of the mass, logits near 1e4, -inf and NaN entries, an empty
+// rows (a tail of 1e-12 of the mass, logits near 1e4, -inf, +inf and NaN entries, an empty
 // tail, ids outside the row, masked rows, V not a multiple of 8), its output must match
 // cpu::topk_stream (which folds the row in two passes, in double): the maxima exactly,
 // the sums to float precision; the backward's gradient must equal cpu::topk_backward's
@@ -147,6 +147,7 @@ int main() {
       if (!std::strcmp(cs.name, "-inf and NaN")) {
         for (int64_t v = 0; v < V; v += 3) x[v] = -f_inf();
         if (r == 2) x[V / 2] = f_nan();
+        if (r == 1) x[V / 3] = x[V / 3 + 1] = f_inf();  // (+inf in two threads' pieces)
         if (r == 3)  // a tail of -inf only
           for (int64_t v = 0; v < V; ++v) {
             bool cat = false;
