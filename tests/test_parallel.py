@@ -16,6 +16,7 @@ from sgopd_kernels._options import Divergence
 from conftest import needs_triton
 
 B, T, V_LOCAL, EXTRA_T = 2, 4, 7, 3
+V_WIDE = 53  # per rank: blocks of 16 at 0, 16, 32 and a tail of 5
 
 CASES = [
     dict(),
@@ -32,9 +33,9 @@ CASES = [
 ]
 
 
-def _global_inputs(world, dtype, seed):
+def _global_inputs(world, dtype, seed, v_local=V_LOCAL):
     gen = torch.Generator().manual_seed(seed)
-    vocab = V_LOCAL * world
+    vocab = v_local * world
     s = (torch.randn(B, T, vocab, generator=gen) * 2).to(dtype)
     t = (torch.randn(B, T, vocab, generator=gen) * 2).to(dtype)
     tok = torch.randint(0, vocab, (B, T), generator=gen)
@@ -87,10 +88,20 @@ def _worker(rank, world, path, dtype, backend):
         group = dist.group.WORLD
         lo, hi = rank * V_LOCAL, (rank + 1) * V_LOCAL
         kernels = _dispatch.BY_NAME[backend].divergences
-        for seed, opts in enumerate(CASES):
+        # the Triton kernels also with shards of several blocks of 16: block 0, full blocks
+        # read unmasked and unguarded (a -inf there makes the row read itself again), a tail
+        wide = [(seed, opts, V_WIDE) for seed, opts in enumerate(CASES)] \
+            if backend == "triton" else []
+        for seed, opts, v_local in [(seed, opts, V_LOCAL) for seed, opts in enumerate(CASES)] \
+                + wide:
             if Divergence.parse(opts.get("divergence", "reverse_kl")) not in kernels:
                 continue  # (a divergence these kernels do not implement: auto takes torch)
-            s, t, tok, gen = _global_inputs(world, dtype, seed)
+            if v_local != V_LOCAL:
+                from sgopd_kernels.triton import parallel as tp
+
+                tp.BLOCK_V = 16
+            lo, hi = rank * v_local, (rank + 1) * v_local
+            s, t, tok, gen = _global_inputs(world, dtype, seed, v_local)
             s, t, opts = _case(s, t, tok, gen, opts)
             s_full = s.clone().requires_grad_()
             ref = sk.gated_opd_loss(s_full, t, tok, backend="torch", **opts)
@@ -107,6 +118,7 @@ def _worker(rank, world, path, dtype, backend):
             ref = sk.sampled_opd_loss(s_full, tlp, tok, backend="torch", **kw)
             got = sk.sampled_opd_loss(s_shard, tlp, tok, process_group=group, **kw)
             _compare(ref, got, s_full, s_shard, lo, hi, tol)
+        lo, hi = rank * V_LOCAL, (rank + 1) * V_LOCAL
         # a token id beyond the global vocabulary raises on every rank (the torch path)
         s, t, tok, _ = _global_inputs(world, dtype, 0)
         tok[0, 0] = V_LOCAL * world

@@ -4,16 +4,24 @@ Two forward kernels, each one streaming pass over this rank's shard of both
 models' logits, with O(rows) all-reduces between them and after them
 (:func:`opd_rows_parallel` combines):
 
-1. ``_tp_stats_kernel``: per row, the online (max, sum 2^(s - max)) of both
-   models in raw units, the teacher's logit at the shard's best student token,
-   and the sampled token's raw logits where this shard holds it. Combined:
-   both normalizers, delta, the gate, the bridge coefficients, and the row's
-   frame: the student's global maximum and the teacher's logit there.
+1. ``_tp_stats_kernel``: per row, the (max, sum 2^((s - max) scale2)) of both
+   models in raw units, the teacher's logit at the shard's best student token
+   (the largest among tied ones), and the sampled token's raw logits where this
+   shard holds it. Combined: both normalizers, delta, the gate, the bridge
+   coefficients, and the row's frame: the student's global maximum and the
+   teacher's logit there. No guard: against a slot's own maximum every exponent
+   is finite or -inf.
 2. ``_tp_bridge_kernel``: against that frame (the single-device kernels'
    centring, so near-converged rows keep their precision), the student's
-   probability mass and the two frame-relative means, and the online (max, sum)
-   of the bridge x = a (t - f_t) + b (s - f_s) with the forward-KL sums.
-   Combined: the loss, the statistics, and the single-device row table.
+   probability mass and the two frame-relative means, and the (max, sum) of the
+   bridge x = a (t - f_t) + b (s - f_s), with the forward-KL sums for forward
+   KL only. Combined: the loss, the statistics, and the single-device row
+   table. Block 0 and the partial last block are masked and guarded, the full
+   blocks between them neither; a row that meets a -inf there (a NaN in some
+   sum) reads itself again with the guards, as the single-device kernels do.
+
+Both keep their state per slot of a [BLOCK_V // 8, 8] tile and combine the
+slots once per row (``_common``), so a block costs no block-wide reduction.
 
 The backward is the single-device backward kernel (``logits._opd_bwd_kernel``)
 on that table, without communication. :func:`opd_rows_parallel` combines the
@@ -37,13 +45,44 @@ from ..reference import gate_lambda, sampled_delta
 from ._layout import row_layout
 from ._table import (A, B, FRAME_S, FRAME_T, LOG2Z_Q, LOG2Z_S, LOGITS_K, MAX_Q, MEAN_S, MEAN_T,
                      REF_S)
-from .logits import (LOG2E, _bridge, _cand_update, _divergence, _load_row_block, _online,
-                     _row_ptr, opd_rows_backward)
+from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, load_block, load_full,
+                      row_ptr, row_token, slot_state, tile)
+from .logits import LOG2E, _divergence, opd_rows_backward
 
 STATS_K = 8   # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, t at argmax s
 BRIDGE_K = 7  # m_x, z_x, ax, as, sum p, sum p sf, sum p tf
 BLOCK_V = 4096
 NUM_WARPS = 8
+
+
+@triton.jit
+def _stats_fold(st, raw_s, raw_t, scale2, tscale2):
+    """Fold a tile into the per-slot (student max, sum, teacher max, sum, the teacher's logit
+    at the student's maximum). No guard is needed: with the slot's max as reference an
+    exponent is -inf (a masked logit: 2^-inf = 0) or finite."""
+    m_s, z_s, m_t, z_t, t_best = st
+    mx = tl.max(raw_s, 1)
+    # the largest teacher logit among the tile slot's maximal student logits
+    t_at = tl.max(tl.where(raw_s == mx[:, None], raw_t, float("-inf")), 1)
+    t_best = tl.where(mx > m_s, t_at, tl.where(mx == m_s, tl.maximum(t_best, t_at), t_best))
+    nm_s = tl.maximum(m_s, mx)
+    r_s = tl.where(nm_s == float("-inf"), 0.0, nm_s)
+    z_s = z_s * tl.exp2(tl.where(m_s == float("-inf"), 0.0, (m_s - r_s) * scale2)) \
+        + tl.sum(tl.exp2((raw_s - r_s[:, None]) * scale2), 1)
+    nm_t = tl.maximum(m_t, tl.max(raw_t, 1))
+    r_t = tl.where(nm_t == float("-inf"), 0.0, nm_t)
+    z_t = z_t * tl.exp2(tl.where(m_t == float("-inf"), 0.0, (m_t - r_t) * tscale2)) \
+        + tl.sum(tl.exp2((raw_t - r_t[:, None]) * tscale2), 1)
+    return nm_s, z_s, nm_t, z_t, t_best
+
+
+@triton.jit
+def _combine_max_sum(m, z, scale2):
+    """Across slots: the row's (raw max, sum 2^((raw - max) scale2))."""
+    M = tl.max(m, 0)
+    R = tl.where(M == float("-inf"), 0.0, M)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2((m - R) * scale2))
+    return M, tl.sum(z * w, 0)
 
 
 @triton.jit
@@ -54,26 +93,27 @@ def _tp_stats_kernel(
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
-    t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
-    y = tl.load(TOK + row).to(tl.int64)
-    valid = y != ignore_index
-    n_cols = tl.where(valid, V, 0)
-    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)
-    m_s = zero + float("-inf")
-    m_t = zero + float("-inf")
-    z_s = zero
-    z_t = zero
-    t_best = zero  # the teacher's raw logit at the best student token so far
-    offs = tl.arange(0, BLOCK_V)
-    for lo in range(0, n_cols, BLOCK_V):
+    s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
+    t_row = row_ptr(T, row, t_d1, t_st0, t_st1)
+    y, valid, _ = row_token(TOK, row, V, ignore_index)
+    n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
+    neg = slot_state(BLOCK_V, float("-inf"))
+    zero = slot_state(BLOCK_V, 0.0)
+    st = (neg, zero, neg, zero, neg)
+    offs = tile(BLOCK_V)
+    # the full blocks unmasked, then the partial last block masked (-inf past the shard)
+    n_full = (n_cols // BLOCK_V) * BLOCK_V
+    for lo in range(0, n_full, BLOCK_V):
         cols = lo + offs
-        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
-        t_at = tl.sum(tl.where(offs == tl.argmax(raw_s, 0), raw_t, 0.0), 0)
-        t_best = tl.where(tl.max(raw_s, 0) > m_s, t_at, t_best)
-        m_s, z_s = _online(raw_s, m_s, z_s, scale2)
-        m_t, z_t = _online(raw_t, m_t, z_t, tscale2)
+        st = _stats_fold(st, load_full(s_row, cols, s_stv, STRIDED_V),
+                         load_full(t_row, cols, t_stv, STRIDED_V), scale2, tscale2)
+    for lo in range(n_full, n_cols, BLOCK_V):  # at most once
+        cols = lo + offs
+        st = _stats_fold(st, load_block(s_row, cols, s_stv, V, STRIDED_V),
+                         load_block(t_row, cols, t_stv, V, STRIDED_V), scale2, tscale2)
+    m_s, z_s = _combine_max_sum(st[0], st[1], scale2)
+    m_t, z_t = _combine_max_sum(st[2], st[3], tscale2)
+    t_best = tl.max(tl.where(st[0] == m_s, st[4], float("-inf")), 0)
     yl = y - start  # this shard's column of the sampled token, if it holds it
     own = valid & (yl >= 0) & (yl < V)
     yl = tl.where(own, yl, 0)
@@ -91,54 +131,98 @@ def _tp_stats_kernel(
 
 
 @triton.jit
+def _bridge_fold(st, raw_s, raw_t, r_s, f_t, lz_s, coef, FKL: tl.constexpr,
+                 GUARD: tl.constexpr):
+    """Fold a tile into the per-slot (sum p, sum p sf, sum p tf) and the bridge's state
+    (max x, sum 2^(x - max), and for forward KL its two sums), sf = (raw_s - r_s) scale2 (the
+    frame's student logit is the row's maximum), tf = (raw_t - f_t) tscale2. Without GUARD
+    nothing is sanitized: a -inf logit leaves a NaN, and the row is read again with it."""
+    p_sum, p_sf, p_tf, q = st
+    scale2, tscale2, a, b = coef
+    sf = (raw_s - r_s) * scale2
+    tf = (raw_t - f_t) * tscale2
+    p = tl.exp2(sf - lz_s)
+    if GUARD:
+        psf = tl.where(p == 0.0, 0.0, p * sf)
+        ptf = tl.where(p == 0.0, 0.0, p * tf)
+        x = bridge(tf, sf, a, b, (raw_s != float("-inf")) & (raw_t != float("-inf")))
+    else:
+        psf = p * sf
+        ptf = p * tf
+        x = tl.fma(a, tf, b * sf)
+    q = fold_bridge(q, x, sf, FKL, GUARD)
+    return p_sum + tl.sum(p, 1), p_sf + tl.sum(psf, 1), p_tf + tl.sum(ptf, 1), q
+
+
+@triton.jit
+def _bridge_range(st, s_row, t_row, lo, hi, V, s_stv, t_stv, r_s, f_t, lz_s, coef,
+                  FKL: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Fold the blocks of columns [lo, hi) masked and guarded."""
+    offs = tile(BLOCK_V)
+    for c0 in range(lo, hi, BLOCK_V):
+        cols = c0 + offs
+        st = _bridge_fold(st, load_block(s_row, cols, s_stv, V, STRIDED_V),
+                          load_block(t_row, cols, t_stv, V, STRIDED_V), r_s, f_t, lz_s, coef,
+                          FKL, True)
+    return st
+
+
+@triton.jit
 def _tp_bridge_kernel(
     S, T, TOK, ROWS, OUT, V,
     s_d1, s_st0, s_st1, s_stv, t_d1, t_st0, t_st1, t_stv,
     scale2, tscale2, ignore_index,
-    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, K: tl.constexpr,
+    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, K: tl.constexpr, FKL: tl.constexpr,
 ):
-    NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
-    t_row = _row_ptr(T, row, t_d1, t_st0, t_st1)
-    y = tl.load(TOK + row).to(tl.int64)
-    n_cols = tl.where(y != ignore_index, V, 0)
-    st = ROWS + row * LOGITS_K  # the single-device table (triton/_table.py)
-    r_s = tl.load(st + REF_S)
-    lz_s = tl.load(st + LOG2Z_S)
-    f_s = tl.load(st + FRAME_S)
-    f_t = tl.load(st + FRAME_T)
-    a = tl.load(st + A)
-    b = tl.load(st + B)
-    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), 0)
-    m_x = zero + NEG_INF
-    z_x = zero
-    ax = zero
-    a_s = zero
-    p_sum = zero
-    p_sf = zero
-    p_tf = zero
-    offs = tl.arange(0, BLOCK_V)
-    for lo in range(0, n_cols, BLOCK_V):
+    s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
+    t_row = row_ptr(T, row, t_d1, t_st0, t_st1)
+    _, valid, _ = row_token(TOK, row, V, ignore_index)
+    n_cols = tl.where(valid, V, 0)
+    tab = ROWS + row * LOGITS_K  # the single-device table (triton/_table.py)
+    r_s = tl.load(tab + REF_S)
+    lz_s = tl.load(tab + LOG2Z_S)
+    f_t = tl.load(tab + FRAME_T)
+    coef = (scale2, tscale2, tl.load(tab + A), tl.load(tab + B))
+    neg = slot_state(BLOCK_V, float("-inf"))
+    zero = slot_state(BLOCK_V, 0.0)
+    empty = (zero, zero, zero, (neg, zero, zero, zero))
+    # block 0 and the partial last block masked and guarded, the full blocks between them
+    # neither (opd_rows_parallel stores the frame FRAME_S = REF_S)
+    offs = tile(BLOCK_V)
+    first = tl.minimum(n_cols, BLOCK_V)
+    st = _bridge_range(empty, s_row, t_row, 0, first, V, s_stv, t_stv, r_s, f_t, lz_s, coef,
+                       FKL, STRIDED_V, BLOCK_V)
+    n_full = (n_cols // BLOCK_V) * BLOCK_V
+    for lo in range(BLOCK_V, n_full, BLOCK_V):
         cols = lo + offs
-        raw_s = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-        raw_t = _load_row_block(t_row, cols, t_stv, V, STRIDED_V)
-        sf = (raw_s - f_s) * scale2
-        tf = (raw_t - f_t) * tscale2
-        p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
-        p_sum += tl.sum(p, 0)
-        p_sf += tl.sum(tl.where(p == 0.0, 0.0, p * sf), 0)
-        p_tf += tl.sum(tl.where(p == 0.0, 0.0, p * tf), 0)
-        x = _bridge(tf, sf, a, b, (raw_s != NEG_INF) & (raw_t != NEG_INF))
-        m_x, z_x, ax, a_s = _cand_update(x, m_x, z_x, ax, a_s, sf, True)
+        st = _bridge_fold(st, load_full(s_row, cols, s_stv, STRIDED_V),
+                          load_full(t_row, cols, t_stv, STRIDED_V), r_s, f_t, lz_s, coef, FKL,
+                          False)
+    st = _bridge_range(st, s_row, t_row, tl.maximum(n_full, first), n_cols, V, s_stv, t_stv,
+                       r_s, f_t, lz_s, coef, FKL, STRIDED_V, BLOCK_V)
+    # an unguarded block that met a -inf (or NaN) logit left a NaN: read the row again guarded
+    # (sum p tf may be -inf, where the teacher masks a token the student supports; no sum is
+    # ever +inf, so the total is NaN exactly where one of them is)
+    chk = st[0] + st[1] + st[2] + st[3][1]
+    if FKL:
+        chk += st[3][2] + st[3][3]
+    redo = any_nan(chk) & (n_full > BLOCK_V)
+    st = _bridge_range(
+        (tl.where(redo, 0.0, st[0]), tl.where(redo, 0.0, st[1]), tl.where(redo, 0.0, st[2]),
+         (tl.where(redo, float("-inf"), st[3][0]), tl.where(redo, 0.0, st[3][1]),
+          tl.where(redo, 0.0, st[3][2]), tl.where(redo, 0.0, st[3][3]))),
+        s_row, t_row, 0, tl.where(redo, n_cols, 0), V, s_stv, t_stv, r_s, f_t, lz_s, coef, FKL,
+        STRIDED_V, BLOCK_V)
+    m_x, z_x, ax, a_s = combine_bridge(st[3], FKL)
     out = OUT + row * K
     tl.store(out + 0, m_x)
     tl.store(out + 1, z_x)
     tl.store(out + 2, ax)
     tl.store(out + 3, a_s)
-    tl.store(out + 4, p_sum)
-    tl.store(out + 5, p_sf)
-    tl.store(out + 6, p_tf)
+    tl.store(out + 4, tl.sum(st[0], 0))
+    tl.store(out + 5, tl.sum(st[1], 0))
+    tl.store(out + 6, tl.sum(st[2], 0))
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +239,8 @@ def _launch(kernel, s, t, tokens, extra, k, opts, **const):
             ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
             LOG2E / opts.temperature, LOG2E / opts.teacher_temperature,
             int(opts.ignore_index), STRIDED_V=ls.stv != 1 or lt.stv != 1,
-            BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)), K=k, num_warps=NUM_WARPS,
+            BLOCK_V=max(SLOT, min(BLOCK_V, triton.next_power_of_2(vocab))), K=k,
+            num_warps=NUM_WARPS,
             **const)
     return out
 
@@ -165,9 +250,11 @@ def stats(s, t, tokens, opts, *, start):
     return _launch(_tp_stats_kernel, s, t, tokens, (), STATS_K, opts, start=(int(start),))
 
 
-def bridge(s, t, tokens, rows, opts):
-    """(N, BRIDGE_K) float32 from the table's REF_S, LOG2Z_S, FRAME_S, FRAME_T, A, B."""
-    return _launch(_tp_bridge_kernel, s, t, tokens, (rows,), BRIDGE_K, opts)
+def bridge_sums(s, t, tokens, rows, opts):
+    """(N, BRIDGE_K) float32 from the table's REF_S (= FRAME_S), LOG2Z_S, FRAME_T, A, B; the
+    forward-KL sums (columns 2, 3) are 0 for reverse KL."""
+    return _launch(_tp_bridge_kernel, s, t, tokens, (rows,), BRIDGE_K, opts,
+                   FKL=not opts.reverse)
 
 
 # ---------------------------------------------------------------------------
@@ -221,7 +308,7 @@ def opd_rows_parallel(s, t, tokens, sign, opts, group):
     rows[:, FRAME_S.value], rows[:, FRAME_T.value] = f_s, f_t
     rows[:, A.value], rows[:, B.value] = a, b
     # round 3 and 4: the bridge's maximum, then its sums and the student's means
-    br = bridge(s, t, tokens, rows, opts)
+    br = bridge_sums(s, t, tokens, rows, opts)
     m_x = all_reduce(br[:, 0].clone(), dist.ReduceOp.MAX, group)
     m_c = finite(m_x)
     k = torch.exp2(br[:, 0] - m_c)
