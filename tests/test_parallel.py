@@ -30,6 +30,10 @@ CASES = [
          return_stats=True),
     dict(masked_vocab=True, divergence="jsd", verifier="float", weights=True, reduction="none"),
     dict(teacher_temperature=0.6, temperature=1.2, verifier="bool", return_stats=True),
+    # the teacher alone masks tokens the student supports (inside full blocks of the wide
+    # shards), one of them where the student's probability underflows to 0
+    dict(masked_teacher=True, return_stats=True),
+    dict(masked_teacher=True, divergence="forward_kl", verifier="bool", return_stats=True),
 ]
 
 
@@ -52,6 +56,12 @@ def _case(s, t, tok, gen, opts):
         opts["verifier"] = torch.randn(B, T, generator=gen).double()
     if opts.pop("weights", False):
         opts["weights"] = torch.rand(B, T, generator=gen).double() + 0.5
+    if opts.pop("masked_teacher", False):
+        t = t.clone()
+        s = s.clone()
+        t[..., 18::11] = float("-inf")
+        if s.shape[-1] > 18:
+            s[0, 1, 18] = -200.0  # p_S underflows there: 0 * -inf unguarded
     if opts.pop("masked_vocab", False):  # -inf in both models, on every shard
         s = s.clone()
         t = t.clone()
@@ -90,16 +100,19 @@ def _worker(rank, world, path, dtype, backend):
         kernels = _dispatch.BY_NAME[backend].divergences
         # the Triton kernels also with shards of several blocks of 16: block 0, full blocks
         # read unmasked and unguarded (a -inf there makes the row read itself again), a tail
-        wide = [(seed, opts, V_WIDE) for seed, opts in enumerate(CASES)] \
+        # (and shards of 20 and 32 columns, one full block or none past block 0, on the
+        # masked cases)
+        wide = [(seed, opts, V_WIDE) for seed, opts in enumerate(CASES)] + [
+            (seed, opts, v) for v in (20, 32) for seed, opts in enumerate(CASES)
+            if opts.get("masked_vocab") or opts.get("masked_teacher")] \
             if backend == "triton" else []
         for seed, opts, v_local in [(seed, opts, V_LOCAL) for seed, opts in enumerate(CASES)] \
                 + wide:
             if Divergence.parse(opts.get("divergence", "reverse_kl")) not in kernels:
                 continue  # (a divergence these kernels do not implement: auto takes torch)
-            if v_local != V_LOCAL:
-                from sgopd_kernels.triton import parallel as tp
+            from sgopd_kernels.triton import parallel as tp
 
-                tp.BLOCK_V = 16
+            tp.BLOCK_V = 16 if v_local != V_LOCAL else 4096
             lo, hi = rank * v_local, (rank + 1) * v_local
             s, t, tok, gen = _global_inputs(world, dtype, seed, v_local)
             s, t, opts = _case(s, t, tok, gen, opts)
@@ -119,6 +132,10 @@ def _worker(rank, world, path, dtype, backend):
             got = sk.sampled_opd_loss(s_shard, tlp, tok, process_group=group, **kw)
             _compare(ref, got, s_full, s_shard, lo, hi, tol)
         lo, hi = rank * V_LOCAL, (rank + 1) * V_LOCAL
+        if backend == "triton":
+            from sgopd_kernels.triton import parallel as tp
+
+            tp.BLOCK_V = 4096
         # a token id beyond the global vocabulary raises on every rank (the torch path)
         s, t, tok, _ = _global_inputs(world, dtype, 0)
         tok[0, 0] = V_LOCAL * world

@@ -45,11 +45,13 @@ from ..reference import gate_lambda, sampled_delta
 from ._layout import row_layout
 from ._table import (A, B, FRAME_S, FRAME_T, LOG2Z_Q, LOG2Z_S, LOGITS_K, MAX_Q, MEAN_S, MEAN_T,
                      REF_S)
-from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, load_block, load_full,
+from ._common import (any_nan, bridge, combine_bridge, fold_bridge, load_block, load_full,
                       row_ptr, row_token, slot_state, tile)
-from .logits import LOG2E, _divergence, opd_rows_backward
+from .logits import LOG2E, MIN_BLOCK_V, _divergence, opd_rows_backward
 
-STATS_K = 8   # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, t at argmax s
+# m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, and the largest t among the
+# shard's maximal s
+STATS_K = 8
 BRIDGE_K = 7  # m_x, z_x, ax, as, sum p, sum p sf, sum p tf
 BLOCK_V = 4096
 NUM_WARPS = 8
@@ -239,7 +241,7 @@ def _launch(kernel, s, t, tokens, extra, k, opts, **const):
             ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
             LOG2E / opts.temperature, LOG2E / opts.teacher_temperature,
             int(opts.ignore_index), STRIDED_V=ls.stv != 1 or lt.stv != 1,
-            BLOCK_V=max(SLOT, min(BLOCK_V, triton.next_power_of_2(vocab))), K=k,
+            BLOCK_V=max(MIN_BLOCK_V, min(BLOCK_V, triton.next_power_of_2(vocab))), K=k,
             num_warps=NUM_WARPS,
             **const)
     return out
@@ -305,6 +307,7 @@ def opd_rows_parallel(s, t, tokens, sign, opts, group):
     a, b = lam, 1.0 - lam + opts.beta
     rows = torch.zeros(n, LOGITS_K.value, dtype=torch.float32, device=s.device)
     rows[:, REF_S.value], rows[:, LOG2Z_S.value] = r_s, lz_s
+    # (the bridge kernel takes its student frame from REF_S: FRAME_S must stay r_s)
     rows[:, FRAME_S.value], rows[:, FRAME_T.value] = f_s, f_t
     rows[:, A.value], rows[:, B.value] = a, b
     # round 3 and 4: the bridge's maximum, then its sums and the student's means
