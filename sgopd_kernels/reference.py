@@ -18,7 +18,6 @@ which evaluate the closed-form gradients of docs/math.md chunk by chunk.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

@@ -89,6 +89,36 @@ def test_contiguous_bf16_forward_is_specialized_and_loads_128_bits(compiled):
     assert fwd["regs"] <= 255 and not mix.get("LDL/STL"), mix
 
 
+def test_rows_off_16_bytes_keep_128_bit_loads_on_a_shifted_grid(compiled):
+    """GPT-2's V = 50257 (every row start but one off a 16-byte boundary, the teacher sharing
+    the vocabulary): the forward's full blocks, and the backward's blocks inside the row,
+    load and store 128 bits on the grid shifted back to a 16-byte boundary."""
+    proc, data = compiled
+    assert data is not None, proc.stdout[-4000:] + proc.stderr[-4000:]
+    fwd = _spec(data, "_opd_fwd_kernel", "logits bf16 gpt2 gate=1 reverse_kl")
+    bwd = _spec(data, "_opd_bwd_kernel", "logits bf16 gpt2 gate=1 reverse_kl")
+    sfwd = _spec(data, "_sampled_fwd_kernel", "sampled bf16 gpt2 gate=1")
+    sbwd = _spec(data, "_sampled_bwd_kernel", "sampled bf16 gpt2 gate=1")
+    assert "s_st0" not in fwd["divisible16"]  # (the JIT cannot prove the row starts aligned)
+    for spec in (fwd, bwd, sfwd, sbwd):
+        assert spec["constexprs"]["ALIGN"] == "True", spec["constexprs"]
+    assert fwd["constexprs"]["T_SAME"] == "True" and bwd["constexprs"]["G_SAME"] == "True"
+    if fwd.get("loop_mix") is None:
+        pytest.skip("no cuobjdump or nvdisasm: the SASS is not checked")
+    for spec, loads in ((fwd, 4), (sfwd, 2)):
+        mix = spec["loop_mix"]
+        assert mix.get("LDG.128", 0) >= loads and not mix.get("LDG.16"), (spec["kernel"], mix)
+    # the backward has no loop: its code holds the unmasked branch (128 bits) and the masked
+    # one (for the blocks at the row's two ends)
+    for spec, loads in ((bwd, 4), (sbwd, 2)):
+        mix = spec["loop_mix"]
+        assert mix.get("LDG.128", 0) >= loads and mix.get("STG.128", 0) >= 2, (spec["kernel"],
+                                                                            mix)
+    # an aligned teacher beside the misaligned student keeps its own alignment in forward
+    odd = _spec(data, "_opd_fwd_kernel", "logits bf16 odd gate=1 reverse_kl")
+    assert odd["constexprs"].get("ALIGN") == "False", odd["constexprs"]
+
+
 CHECK = textwrap.dedent("""
     import importlib.util, sys
     spec = importlib.util.spec_from_file_location("aot_compile", sys.argv[1])

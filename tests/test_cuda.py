@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import sgopd_kernels as sk
-from sgopd_kernels import _ext, _rows as C, compiled
+from sgopd_kernels import _ext, compiled
 from compiled_harness import gated_loss, make_opts, sampled_loss
 from helpers import assert_grad_close, assert_loss_close, oracle_opd, oracle_topk
 from topk_cases import check_against_oracle, draw_case, top_heavy

@@ -292,13 +292,13 @@ def scenarios():
     out = []
     layouts = {  # layout -> (student V, teacher V)
         "rows": (V_MODEL, None), "vstrided": (V_ODD, None), "btv": (V_MODEL, None),
-        "midrow": (V_MODEL, None), "odd": (V_ODD, V_ODD_TEACHER)}
+        "midrow": (V_MODEL, None), "odd": (V_ODD, V_ODD_TEACHER), "gpt2": (V_ODD, None)}
 
     def add(name, call, vocab=V_MODEL):
         out.append(Scenario(name, call, model=name in MODEL, vocab=vocab))
 
     def lay(name):
-        return "rows" if name == "odd" else name
+        return "rows" if name in ("odd", "gpt2") else name
 
     for dt in DTYPES:
         for name, (v, vt) in layouts.items():

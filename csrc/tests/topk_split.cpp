@@ -20,21 +20,10 @@
 
 #include "../cpu/kernels.h"
 #include "../opd_math.h"
+#include "check.h"
 
 using namespace opd;
 
-static int failures = 0;
-#define CHECK(cond, ...)                                 \
-  do {                                                   \
-    if (!(cond)) {                                       \
-      ++failures;                                        \
-      if (failures < 40) {                               \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::printf(__VA_ARGS__);                        \
-        std::printf("\n");                               \
-      }                                                  \
-    }                                                    \
-  } while (0)
 
 static bool in_row(int64_t v, int64_t V) { return v >= 0 && v < V; }
 

@@ -34,6 +34,34 @@ def row_ptr(X, row, d1, st0, st1):
 
 
 @triton.jit
+def row_offset(row, d1, st0, st1):
+    """The element offset of row ``row``'s first element (see :func:`row_ptr`)."""
+    return (row // d1) * st0 + (row % d1) * st1
+
+
+@triton.jit
+def shifted_row(X, off, lead, HINT: tl.constexpr):
+    """``X + off - lead``: the row's start moved back by ``lead`` columns. With ``HINT`` the
+    caller knows ``off - lead`` to be a multiple of SLOT (the row's start moved back to a
+    16-byte boundary), and says so: the unmasked loads of an aligned grid then vectorize."""
+    if HINT:
+        base = X + tl.multiple_of(off - lead, SLOT)
+    else:
+        base = X + (off - lead)
+    return base
+
+
+@triton.jit
+def load_span(row, cols, lo, hi, stv, STRIDED_V: tl.constexpr):
+    """Raw logits at ``cols`` (any shape) as float32, -inf outside columns [lo, hi)."""
+    if STRIDED_V:
+        ptrs = row + cols.to(tl.int64) * stv
+    else:
+        ptrs = row + cols
+    return tl.load(ptrs, mask=(cols >= lo) & (cols < hi), other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def row_token(TOK, row, V, ignore_index):
     """The row's sampled token, whether the row counts, and whether the id is in [0, V)."""
     y = tl.load(TOK + row).to(tl.int64)

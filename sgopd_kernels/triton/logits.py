@@ -25,7 +25,10 @@ The state is kept per slot of a [BLOCK_V // 8, 8] tile and combined across
 slots once per row (``_common``). Block 0 and the partial last block are
 masked and guarded; the full blocks between them are neither, and a row
 that meets a -inf there (a NaN in some accumulator) is read again with the
-guards. Without a gate and with beta = 0 (``TEACHER_BRIDGE``, reverse KL) the
+guards. Rows whose starts are not 16-byte aligned (V = 50257) are streamed on
+a grid shifted back to a 16-byte boundary (``ALIGN``, :func:`shift_plan`), so
+that the full blocks keep their 128-bit loads. Without a gate and with beta = 0
+(``TEACHER_BRIDGE``, reverse KL) the
 bridge is the teacher and no candidate is folded; a row where the student
 masks a token is read again to fold it over the joint support.
 
@@ -51,9 +54,9 @@ import triton.language as tl
 
 from .._options import Divergence
 from ._common import (SLOT, any_nan, bridge, combine_bridge, combine_lse, fold_bridge, fold_lse,
-                      load_block, load_full, online, row_ptr, row_token, slot_ref, slot_state,
-                      tile)
-from ._layout import row_layout
+                      load_block, load_full, load_span, row_offset, row_ptr, row_token,
+                      shifted_row, slot_ref, slot_state, tile)
+from ._layout import RowLayout, row_layout
 from ._table import (A, B, DELTA, ENTROPY, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S, LOGITS_K,
                      LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
 
@@ -61,38 +64,6 @@ LOG2E = 1.4426950408889634
 # DIVERGENCE (a kernel's constexpr) is a Divergence value: these kernels implement reverse
 # KL (RKL) and forward KL
 RKL = tl.constexpr(int(Divergence.REVERSE_KL))
-
-
-# the helpers the other kernel files import under their former names
-_row_ptr = row_ptr
-_row_token = row_token
-_bridge = bridge
-_online = online
-
-
-@triton.jit
-def _load_row_block(row_p, cols, stv, V, STRIDED_V: tl.constexpr):
-    """Raw logits of one block as float32, -inf past the vocabulary."""
-    return load_block(row_p, cols, stv, V, STRIDED_V)
-
-
-@triton.jit
-def _cand_update(x, m, z, acc_x, acc_s, sf, FKL: tl.constexpr):
-    """Fold a 1-D block of bridge values x (-inf off the support) into (m, z, acc_x, acc_s).
-
-    z = sum 2^(x-m); acc_x = sum 2^(x-m) (x-m); acc_s = sum 2^(x-m) sf; m is the
-    running max (-inf while empty). The max value enters as exactly 2^0.
-    """
-    m_new = tl.maximum(m, tl.max(x, 0))
-    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    dm = tl.where(m == float("-inf"), 0.0, m - ref)
-    alpha = tl.exp2(dm)
-    e = tl.exp2(x - ref)
-    if FKL:
-        acc_x = (acc_x + dm * z) * alpha + tl.sum(tl.where(e == 0.0, 0.0, e * (x - ref)), 0)
-        acc_s = acc_s * alpha + tl.sum(tl.where(e == 0.0, 0.0, e * sf), 0)
-    z = z * alpha + tl.sum(e, 0)
-    return m_new, z, acc_x, acc_s
 
 
 @triton.jit
@@ -190,6 +161,7 @@ def _opd_fwd_kernel(
     scale2, tscale2, beta, lam_pos, lam_neg, ignore_index,
     HAS_GATE: tl.constexpr, DIVERGENCE: tl.constexpr,
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, TEACHER_BRIDGE: tl.constexpr = False,
+    ALIGN: tl.constexpr = False, T_SAME: tl.constexpr = False,
 ):
     NEG_INF_: tl.constexpr = float("-inf")
     LN2_: tl.constexpr = 0.6931471805599453
@@ -226,9 +198,27 @@ def _opd_fwd_kernel(
     # The frame (f_s, f_t) of every linear accumulator: both models' logits at one token the
     # student likes, the sampled token or the student's best in the first block, whichever
     # the student rates higher. It is fixed before the pass and never moves after.
+    # The streaming grid (ALIGN: rows whose starts are not 16-byte aligned, e.g. V = 50257):
+    # its column c' is the row's column c' - lead, where lead moves the row's start back to a
+    # 16-byte boundary, so the unmasked full blocks keep their 128-bit loads. Block 0 masks
+    # the lead columns, the last block the columns past the row (end = n_cols + lead).
     offs = tile(BLOCK_V)
-    raw_s = load_block(s_row, offs, s_stv, n_cols, STRIDED_V)
-    raw_t = load_block(t_row, offs, t_stv, n_cols, STRIDED_V)
+    if ALIGN:
+        s_off = row_offset(row, s_d1, s_st0, s_st1)
+        lead = s_off % SLOT
+        s_grid = shifted_row(S, s_off, lead, True)
+        t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
+        end = n_cols + lead
+        raw_s = load_span(s_grid, offs, lead, end, s_stv, STRIDED_V)
+        raw_t = load_span(t_grid, offs, lead, end, t_stv, STRIDED_V)
+        inside = (offs >= lead) & (offs < end)
+    else:
+        s_grid = s_row
+        t_grid = t_row
+        end = n_cols
+        raw_s = load_block(s_row, offs, s_stv, n_cols, STRIDED_V)
+        raw_t = load_block(t_row, offs, t_stv, n_cols, STRIDED_V)
+        inside = offs < n_cols
     s_j = tl.max(tl.max(raw_s, 1), 0)
     j = tl.min(tl.min(tl.where(raw_s == s_j, offs, BLOCK_V), 1), 0)  # first best column
     t_j = tl.sum(tl.sum(tl.where(offs == j, raw_t, 0.0), 1), 0)
@@ -245,19 +235,19 @@ def _opd_fwd_kernel(
     # Block 0 and the partial last block are folded with every guard, the full blocks
     # between them unmasked and unguarded.
     state = _fold(_empty_state(BLOCK_V), raw_s, raw_t, frame, coef, HAS_GATE, FKL, SKIP, True)
-    hole = tl.sum(tl.sum(((raw_s == NEG_INF_) & (offs < n_cols)).to(tl.int32), 1), 0)
-    n_full = (n_cols // BLOCK_V) * BLOCK_V
+    hole = tl.sum(tl.sum(((raw_s == NEG_INF_) & inside).to(tl.int32), 1), 0)
+    n_full = (end // BLOCK_V) * BLOCK_V
     for start in range(BLOCK_V, n_full, BLOCK_V):
         cols = start + offs
-        state = _fold(state, load_full(s_row, cols, s_stv, STRIDED_V),
-                      load_full(t_row, cols, t_stv, STRIDED_V), frame, coef, HAS_GATE, FKL,
+        state = _fold(state, load_full(s_grid, cols, s_stv, STRIDED_V),
+                      load_full(t_grid, cols, t_stv, STRIDED_V), frame, coef, HAS_GATE, FKL,
                       SKIP, False)
-    for start in range(tl.maximum(n_full, BLOCK_V), n_cols, BLOCK_V):  # at most once
-        cols = start + offs
-        raw_s = load_block(s_row, cols, s_stv, V, STRIDED_V)
-        state = _fold(state, raw_s, load_block(t_row, cols, t_stv, V, STRIDED_V), frame,
+    for start in range(tl.maximum(n_full, BLOCK_V), end, BLOCK_V):  # at most once
+        cols = start + offs  # (past block 0: every column of the grid is past the lead)
+        raw_s = load_block(s_grid, cols, s_stv, end, STRIDED_V)
+        state = _fold(state, raw_s, load_block(t_grid, cols, t_stv, end, STRIDED_V), frame,
                       coef, HAS_GATE, FKL, SKIP, True)
-        hole += tl.sum(tl.sum(((raw_s == NEG_INF_) & (cols < V)).to(tl.int32), 1), 0)
+        hole += tl.sum(tl.sum(((raw_s == NEG_INF_) & (cols < end)).to(tl.int32), 1), 0)
 
     # An unguarded block that met a -inf (or NaN) logit left a NaN: such a row is read again
     # with every guard. So is, when candidate 0 is taken from the teacher, a row where the
@@ -381,6 +371,25 @@ def _opd_fwd_kernel(
 
 
 @triton.jit
+def _grad_block(raw_s, raw_t, f_s, f_t, r_s, lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2,
+                tscale2, factor, DIVERGENCE: tl.constexpr):
+    """d loss / d z_S of one block from the row's saved state; ``factor``: the row's scalar
+    (its incoming gradient, validity and token check) over the temperature."""
+    sf = (raw_s - f_s) * scale2
+    tf = (raw_t - f_t) * tscale2
+    if DIVERGENCE == RKL:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
+        p = tl.exp2(sf - ((r_s - f_s) * scale2 + lz_s))  # lp_S = sf + off_s, from sf
+        w = (1.0 - b) * (sf - mean_s) - a * (tf - mean_t)
+        gv = tl.where(p == 0.0, 0.0, p * w) * (factor * 0.6931471805599453)
+    else:  # p - q; x has the forward's bits, so x - m_c is exact at the max
+        p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
+        support = (raw_s != float("-inf")) & (raw_t != float("-inf"))
+        q = tl.exp2((bridge(tf, sf, a, b, support) - m_c) - lz_c)
+        gv = (p - q) * factor
+    return gv
+
+
+@triton.jit
 def _opd_bwd_kernel(
     S, T, TOK, ROWS, GROW, DS,
     V,
@@ -388,12 +397,11 @@ def _opd_bwd_kernel(
     t_d1, t_st0, t_st1, t_stv,
     scale2, tscale2, inv_temp, ignore_index,
     DIVERGENCE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
-    LOCAL_TOKENS: tl.constexpr,
+    LOCAL_TOKENS: tl.constexpr, ALIGN: tl.constexpr = False, T_SAME: tl.constexpr = False,
+    G_SAME: tl.constexpr = False,
 ):
-    NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    y, valid, y_ok = _row_token(TOK, row, V, ignore_index)
+    y, valid, y_ok = row_token(TOK, row, V, ignore_index)
     if not LOCAL_TOKENS:  # global ids of a vocabulary shard: the forward made bad rows NaN
         y_ok = valid
     gr = tl.load(GROW + row)
@@ -412,25 +420,44 @@ def _opd_bwd_kernel(
     # the row's conditions as one scalar: 0 for a masked row (which reads nothing, so its p
     # and q are 0), NaN for a token id out of range, else the incoming gradient
     coef = tl.where(valid, tl.where(y_ok, gr, float("nan")), 0.0)
+    factor = coef * inv_temp
     n_cols = tl.where(valid, V, 0)
     lz_s = tl.where(valid, lz_s, 0.0)  # (a table may hold -inf sums for a masked row)
     lz_c = tl.where(valid, lz_c, 0.0)
-    s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
-    t_row = row_ptr(T, row, t_d1, t_st0, t_st1)
-    raw_s = load_block(s_row, cols, s_stv, n_cols, STRIDED_V)
-    raw_t = load_block(t_row, cols, t_stv, n_cols, STRIDED_V)
-    sf = (raw_s - f_s) * scale2
-    tf = (raw_t - f_t) * tscale2
-    if DIVERGENCE == RKL:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
-        p = tl.exp2(sf - ((r_s - f_s) * scale2 + lz_s))  # lp_S = sf + off_s, from sf
-        w = (1.0 - b) * (sf - mean_s) - a * (tf - mean_t)
-        gv = tl.where(p == 0.0, 0.0, p * w) * (coef * (0.6931471805599453 * inv_temp))
-    else:  # p - q; x has the forward's bits, so x - m_c is exact at the max
-        p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
-        support = (raw_s != NEG_INF) & (raw_t != NEG_INF)
-        q = tl.exp2((bridge(tf, sf, a, b, support) - m_c) - lz_c)
-        gv = (p - q) * (coef * inv_temp)
-    tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
+    if ALIGN:
+        # the forward's shifted grid (column c' is the row's c' - lead, lead moving the row's
+        # start back to a 16-byte boundary): a block inside the row loads and stores
+        # unmasked, 128-bit where the teacher's and the gradient's rows share the shift
+        s_off = row_offset(row, s_d1, s_st0, s_st1)
+        lead = s_off % SLOT
+        s_grid = shifted_row(S, s_off, lead, True)
+        t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
+        g_grid = shifted_row(DS, row * V, lead, G_SAME)
+        start = tl.program_id(1) * BLOCK_V
+        cols = start + tl.arange(0, BLOCK_V)
+        end = n_cols + lead
+        if (start >= lead) & (start + BLOCK_V <= end):
+            gv = _grad_block(load_full(s_grid, cols, s_stv, STRIDED_V),
+                             load_full(t_grid, cols, t_stv, STRIDED_V), f_s, f_t, r_s, lz_s,
+                             mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2, factor,
+                             DIVERGENCE)
+            tl.store(g_grid + cols, gv.to(DS.dtype.element_ty))
+        else:
+            gv = _grad_block(load_span(s_grid, cols, lead, end, s_stv, STRIDED_V),
+                             load_span(t_grid, cols, lead, end, t_stv, STRIDED_V), f_s, f_t,
+                             r_s, lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2,
+                             factor, DIVERGENCE)
+            tl.store(g_grid + cols, gv.to(DS.dtype.element_ty),
+                     mask=(cols >= lead) & (cols < V + lead))
+    else:
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
+        t_row = row_ptr(T, row, t_d1, t_st0, t_st1)
+        gv = _grad_block(load_block(s_row, cols, s_stv, n_cols, STRIDED_V),
+                         load_block(t_row, cols, t_stv, n_cols, STRIDED_V), f_s, f_t, r_s,
+                         lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2, factor,
+                         DIVERGENCE)
+        tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
 
 
 # ---------------------------------------------------------------------------
@@ -458,6 +485,30 @@ def _divergence(opts) -> int:
     return int(opts.divergence)
 
 
+def _misaligned(lay) -> bool:
+    """Whether some row of ``lay`` starts off a multiple of SLOT columns."""
+    return lay.st0 % SLOT.value != 0 or (lay.d1 > 1 and lay.st1 % SLOT.value != 0)
+
+
+def _congruent(a, b) -> bool:
+    """Whether every row of layouts ``a`` and ``b`` starts at the same offset modulo SLOT."""
+    m = SLOT.value
+    return a.d1 == b.d1 and (a.st0 - b.st0) % m == 0 and (a.d1 == 1 or (a.st1 - b.st1) % m == 0)
+
+
+def shift_plan(ls, lt, vocab: int) -> dict:
+    """The constexprs of the shifted grid (ALIGN, T_SAME, G_SAME): taken where the student's
+    rows are contiguous along the vocabulary, its base 16-byte aligned and some row start is
+    not (V = 50257, a view that starts mid-row). T_SAME / G_SAME: the teacher's rows / the
+    gradient's contiguous (N, V) rows share the student's shift, so their blocks vectorize
+    too. Elsewhere the rows are read as they are."""
+    if ls.stv != 1 or lt.stv != 1 or not _misaligned(ls) or ls.tensor.data_ptr() % 16:
+        return dict(ALIGN=False, T_SAME=False, G_SAME=False)
+    grad = RowLayout(None, ls.d1, ls.d1 * vocab, vocab, 1)
+    return dict(ALIGN=True, T_SAME=_congruent(ls, lt) and lt.tensor.data_ptr() % 16 == 0,
+                G_SAME=_congruent(ls, grad))
+
+
 def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=None):
     """Forward: per-row table (N, LOGITS_K) for logits (..., V) and (..., V_T) of any strides."""
     _check_rows(student, teacher)
@@ -478,9 +529,21 @@ def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=No
         HAS_GATE=sign is not None, DIVERGENCE=_divergence(opts),
         STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
         TEACHER_BRIDGE=(sign is None and float(opts.beta) == 0.0),
-        num_warps=num_warps or FWD_WARPS,
+        num_warps=num_warps or FWD_WARPS, **_fwd_plan(ls, lt, vocab),
     )
     return out
+
+
+def _fwd_plan(ls, lt, vocab: int) -> dict:
+    """The forward's shift: only where it costs the teacher nothing (its rows share the
+    student's shift, or are misaligned themselves). An aligned teacher beside a misaligned
+    student (a teacher vocabulary padded to 64) keeps its own 128-bit loads instead; the
+    backward, which also writes the gradient, shifts to the student's rows in any case."""
+    plan = shift_plan(ls, lt, vocab)
+    del plan["G_SAME"]
+    if plan["ALIGN"] and not plan["T_SAME"] and not _misaligned(lt):
+        plan["ALIGN"] = False
+    return plan
 
 
 def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts, *, block_v=None,
@@ -498,13 +561,15 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts, *, block_
     if n == 0 or vocab == 0:
         return grad
     block = block_v or min(BWD_BLOCK_V, triton.next_power_of_2(vocab))
-    _opd_bwd_kernel[(n, triton.cdiv(vocab, block))](
+    plan = shift_plan(ls, lt, vocab)
+    blocks = triton.cdiv(vocab + (SLOT.value - 1 if plan["ALIGN"] else 0), block)
+    _opd_bwd_kernel[(n, blocks)](
         ls.tensor, lt.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / opts.temperature, LOG2E / opts.teacher_temperature, 1.0 / opts.temperature,
         int(opts.ignore_index), DIVERGENCE=_divergence(opts),
         STRIDED_V=(ls.stv != 1 or lt.stv != 1),
         BLOCK_V=block, LOCAL_TOKENS=bool(local_tokens),
-        num_warps=num_warps or BWD_WARPS,
+        num_warps=num_warps or BWD_WARPS, **plan,
     )
     return grad

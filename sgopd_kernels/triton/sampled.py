@@ -7,7 +7,10 @@ The state is kept per slot of a [BLOCK_V // SLOT, SLOT] tile (``_common``):
 full blocks unmasked and without per-element guards, a row that meets a -inf
 there read again with them.
 Backward: a 2-D grid writing -(A / tau) (onehot(y) - p_S) times the row's
-incoming gradient, the row's conditions folded into one scalar.
+incoming gradient, the row's conditions folded into one scalar. Rows whose
+starts are not 16-byte aligned (V = 50257) are read on a grid shifted back to
+a 16-byte boundary (``ALIGN``, as in logits.py), so full blocks keep their
+128-bit loads and stores.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import triton.language as tl
 
 from ._layout import row_layout
 from ._table import ADV, DELTA, ENTROPY, GATE, LOSS, S_LOG2Z, S_REF, SAMPLED_K, TEACHER_KL
-from ._common import any_nan, load_block, load_full, row_ptr, row_token, slot_state, tile
-from .logits import LOG2E, MIN_BLOCK_V
+from ._common import (SLOT, any_nan, load_block, load_full, load_span, row_offset, row_ptr,
+                      row_token, shifted_row, slot_state, tile)
+from .logits import LOG2E, MIN_BLOCK_V, shift_plan
 
 
 @triton.jit
@@ -45,6 +49,7 @@ def _sampled_fwd_kernel(
     V, s_d1, s_st0, s_st1, s_stv,
     scale2, lam_pos, lam_neg, ignore_index,
     HAS_GATE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr = False,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     LN2: tl.constexpr = 0.6931471805599453
@@ -56,19 +61,37 @@ def _sampled_fwd_kernel(
     # per slot of the [BLOCK_V // SLOT, SLOT] tile: the raw running max, sum 2^((z - m) scale2)
     # and sum 2^((z - m) scale2) (z - m) scale2; full blocks unmasked and unguarded, the
     # partial last one masked and guarded
+    # ALIGN (rows whose starts are not 16-byte aligned, e.g. V = 50257): the grid's column
+    # c' is the row's c' - lead, lead moving the start back to a 16-byte boundary, so the
+    # full blocks keep 128-bit loads; its block 0 (which masks the lead) is guarded too
     offs = tile(BLOCK_V)
     empty = (slot_state(BLOCK_V, float("-inf")), slot_state(BLOCK_V, 0.0),
              slot_state(BLOCK_V, 0.0))
     st = empty
-    n_full = (n_cols // BLOCK_V) * BLOCK_V
-    for start in range(0, n_full, BLOCK_V):
-        st = _fold_entropy(st, load_full(s_row, start + offs, s_stv, STRIDED_V), scale2, False)
-    redo = any_nan(st[1] + st[2]) & (n_full > 0)  # a -inf (or NaN) logit in a full block
+    if ALIGN:
+        s_off = row_offset(row, s_d1, s_st0, s_st1)
+        lead = s_off % SLOT
+        grid = shifted_row(S, s_off, lead, True)
+        end = n_cols + lead
+        first = BLOCK_V
+        st = _fold_entropy(st, load_span(grid, offs, lead, end, s_stv, STRIDED_V), scale2, True)
+    else:
+        lead = 0
+        grid = s_row
+        end = n_cols
+        first = 0
+    n_full = (end // BLOCK_V) * BLOCK_V
+    for start in range(first, n_full, BLOCK_V):
+        st = _fold_entropy(st, load_full(grid, start + offs, s_stv, STRIDED_V), scale2, False)
+    redo = any_nan(st[1] + st[2]) & (n_full > first)  # a -inf (or NaN) logit in a full block
     st = (tl.where(redo, float("-inf"), st[0]), tl.where(redo, 0.0, st[1]),
           tl.where(redo, 0.0, st[2]))
-    for start in range(tl.where(redo, 0, n_full), n_cols, BLOCK_V):
-        st = _fold_entropy(st, load_block(s_row, start + offs, s_stv, V, STRIDED_V), scale2,
-                           True)
+    for start in range(tl.where(redo, 0, tl.maximum(n_full, first)), end, BLOCK_V):
+        if ALIGN:
+            raw = load_span(grid, start + offs, lead, end, s_stv, STRIDED_V)
+        else:
+            raw = load_block(grid, start + offs, s_stv, V, STRIDED_V)
+        st = _fold_entropy(st, raw, scale2, True)
     m, z, acc = st
     m_s = tl.max(m, 0)
     ref = tl.where(m_s == NEG_INF, 0.0, m_s)
@@ -114,10 +137,10 @@ def _sampled_bwd_kernel(
     S, TOK, ROWS, GROW, DS,
     V, s_d1, s_st0, s_st1, s_stv,
     scale2, inv_temp, ignore_index,
-    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr = False,
+    G_SAME: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     y, valid, y_ok = row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
     # the row's conditions as one scalar: 0 (masked), NaN (token id out of range), or
@@ -127,11 +150,33 @@ def _sampled_bwd_kernel(
     st = ROWS + row * SAMPLED_K
     r_s = tl.load(st + S_REF)
     lz_s = tl.load(st + S_LOG2Z)
-    raw = load_block(row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, n_cols, STRIDED_V)
-    p = tl.exp2((raw - r_s) * scale2 - lz_s)
-    onehot = (cols.to(tl.int64) == y).to(tl.float32)
-    gv = (onehot - p) * coef
-    tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
+    if ALIGN:  # the forward's shifted grid; a block inside the row is unmasked
+        s_off = row_offset(row, s_d1, s_st0, s_st1)
+        lead = s_off % SLOT
+        grid = shifted_row(S, s_off, lead, True)
+        g_grid = shifted_row(DS, row * V, lead, G_SAME)
+        start = tl.program_id(1) * BLOCK_V
+        cols = start + tl.arange(0, BLOCK_V)
+        end = n_cols + lead
+        col_y = y + lead  # y in the grid's columns
+        if (start >= lead) & (start + BLOCK_V <= end):
+            raw = load_full(grid, cols, s_stv, STRIDED_V)
+            gv = ((cols.to(tl.int64) == col_y).to(tl.float32)
+                  - tl.exp2((raw - r_s) * scale2 - lz_s)) * coef
+            tl.store(g_grid + cols, gv.to(DS.dtype.element_ty))
+        else:
+            raw = load_span(grid, cols, lead, end, s_stv, STRIDED_V)
+            gv = ((cols.to(tl.int64) == col_y).to(tl.float32)
+                  - tl.exp2((raw - r_s) * scale2 - lz_s)) * coef
+            tl.store(g_grid + cols, gv.to(DS.dtype.element_ty),
+                     mask=(cols >= lead) & (cols < V + lead))
+    else:
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        raw = load_block(row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, n_cols, STRIDED_V)
+        p = tl.exp2((raw - r_s) * scale2 - lz_s)
+        onehot = (cols.to(tl.int64) == y).to(tl.float32)
+        gv = (onehot - p) * coef
+        tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
 
 
 FWD_BLOCK_V = 4096
@@ -155,7 +200,7 @@ def sampled_rows(student, teacher_logprobs, tokens, sign, opts, *, block_v=None)
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,
         LOG2E / opts.temperature, float(opts.lam_pos), float(opts.lam_neg),
         int(opts.ignore_index), HAS_GATE=sign is not None, STRIDED_V=ls.stv != 1, BLOCK_V=block,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, ALIGN=shift_plan(ls, ls, vocab)["ALIGN"],
     )
     return out
 
@@ -169,10 +214,13 @@ def sampled_rows_backward(grad_rows, student, teacher_logprobs, tokens, rows, op
     if n == 0 or vocab == 0:
         return grad
     block = block_v or min(BWD_BLOCK_V, triton.next_power_of_2(vocab))
-    _sampled_bwd_kernel[(n, triton.cdiv(vocab, block))](
+    plan = shift_plan(ls, ls, vocab)
+    blocks = triton.cdiv(vocab + (SLOT.value - 1 if plan["ALIGN"] else 0), block)
+    _sampled_bwd_kernel[(n, blocks)](
         ls.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,
         LOG2E / opts.temperature, 1.0 / opts.temperature, int(opts.ignore_index),
-        STRIDED_V=ls.stv != 1, BLOCK_V=block, num_warps=NUM_WARPS,
+        STRIDED_V=ls.stv != 1, BLOCK_V=block, num_warps=NUM_WARPS, ALIGN=plan["ALIGN"],
+        G_SAME=plan["G_SAME"],
     )
     return grad

@@ -54,7 +54,8 @@ from ..parallel import all_reduce, shard_start
 from ._layout import row_layout
 from ._table import (A, B, DELTA, ENTROPY, GATE, K_G_MEAN, K_LOG2Z, K_LOG_ZQ, K_REF,
                      K_TAIL_COEF, K_TAIL_LOG2, LOSS, TEACHER_KL, TOPK_K)
-from .logits import LOG2E, _load_row_block, _online, _row_ptr, _row_token
+from ._common import load_block, online, row_ptr, row_token
+from .logits import LOG2E
 
 RKL = tl.constexpr(int(Divergence.REVERSE_KL))
 FKL = tl.constexpr(int(Divergence.FORWARD_KL))
@@ -102,7 +103,7 @@ def _stream_range(s_row, lo, hi, V, s_stv, r, scale2, mx, acc, ent, cnt,
                   STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
     offs = _tile(BLOCK_V)
     for start in range(lo, hi, BLOCK_V):
-        raw = _load_row_block(s_row, start + offs, s_stv, V, STRIDED_V)
+        raw = load_block(s_row, start + offs, s_stv, V, STRIDED_V)
         mx, acc, ent, cnt = _stream_block(raw, r, scale2, mx, acc, ent, cnt)
     return mx, acc, ent, cnt
 
@@ -137,8 +138,8 @@ def _tail_by_membership(s_row, SORTED, row, K1, start, lo, hi, V, s_stv, r, scal
             member = member | (cols == c)
             j += 1
             c = _next_col(SORTED, row, K1, j, start)
-        raw = _load_row_block(s_row, cols, s_stv, V, STRIDED_V)
-        m_t, z_t = _online(tl.where(member, float("-inf"), raw), m_t, z_t, scale2)
+        raw = load_block(s_row, cols, s_stv, V, STRIDED_V)
+        m_t, z_t = online(tl.where(member, float("-inf"), raw), m_t, z_t, scale2)
     return (tl.where(m_t == float("-inf"), 0.0, m_t) - r) * scale2 + tl.log2(z_t)
 
 
@@ -154,8 +155,8 @@ def _topk_stream_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     FAR: tl.constexpr = 64.0  # base-2 units from the reference
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
-    y, valid, _ = _row_token(TOK, row, V, ignore_index)
+    s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
+    y, valid, _ = row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
 
     # the slots this shard holds (all in-range ones on one device), and y
@@ -177,7 +178,7 @@ def _topk_stream_kernel(
 
     # the reference, fixed before the pass: the largest of the categories' logits and the
     # first block's
-    raw = _load_row_block(s_row, _tile(BLOCK_V), s_stv, n_cols, STRIDED_V)
+    raw = load_block(s_row, _tile(BLOCK_V), s_stv, n_cols, STRIDED_V)
     r = tl.maximum(tl.maximum(tl.max(tl.max(raw, 1), 0), tl.max(z_k, 0)),
                    tl.where(excl_y, z_y, NEG_INF))
     r = tl.where(r == NEG_INF, 0.0, r)
@@ -284,7 +285,7 @@ def _topk_rows_kernel(
     LN2: tl.constexpr = 0.6931471805599453
     LOG2E_: tl.constexpr = 1.4426950408889634
     row = tl.program_id(0).to(tl.int64)
-    y, valid, y_ok = _row_token(TOK, row, VG, ignore_index)
+    y, valid, y_ok = row_token(TOK, row, VG, ignore_index)
     lanes = tl.arange(0, BLOCK_K)
     in_k = lanes < K
     ids = tl.load(IDS + row * K + lanes, mask=in_k, other=-1)
@@ -449,7 +450,7 @@ def _topk_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    _, valid, _ = _row_token(TOK, row, V, ignore_index)
+    _, valid, _ = row_token(TOK, row, V, ignore_index)
     st = ROWS + row * TOPK_K
     r = tl.load(st + K_REF)
     lz = tl.load(st + K_LOG2Z)
@@ -463,7 +464,7 @@ def _topk_bwd_kernel(
     e = tl.where(fold, tl.floor(l2), 0.0)
     sgn = tl.where(alpha < 0.0, -1.0, 1.0) * tl.where(g < 0.0, -1.0, 1.0)
     scale = tl.where(fold, sgn * tl.exp2(l2 - e), alpha * g)
-    raw = _load_row_block(_row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, V, STRIDED_V)
+    raw = load_block(row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, V, STRIDED_V)
     p = tl.exp2((raw - r) * scale2 - (lz - e))
     gv = tl.where(p == 0.0, 0.0, p * scale)
     gv = tl.where(alpha != alpha, float("nan"), gv)  # a NaN row is NaN everywhere
@@ -494,8 +495,8 @@ def _topk_bwd_slots_kernel(
     HAS_TTL: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, s_d1, s_st0, s_st1)
-    y, valid, _ = _row_token(TOK, row, V, ignore_index)
+    s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
+    y, valid, _ = row_token(TOK, row, V, ignore_index)
     st = ROWS + row * TOPK_K
     r = tl.load(st + K_REF)
     lz = tl.load(st + K_LOG2Z)
