@@ -287,6 +287,56 @@ def test_reverse_kl_is_inf_where_teacher_masks_student_mass():
     assert_loss_close(loss[[0, 1, 3]], want[[0, 1, 3]])
 
 
+def test_infinite_loss_rows_keep_the_guards_in_backward(small_blocks):
+    """The backward drops its per-element guards only over the columns the forward read
+    unguarded and found finite (``FINITE``). A teacher's -inf under student mass leaves no
+    NaN there (a -inf sum) but an infinite loss: that row keeps its guards, so an entry
+    whose student probability is 0 (here 2^-400 underflows) still gets gradient 0, and
+    the other rows are unaffected."""
+    s, t, y = _rand((3,), 200, seed=4)  # blocks of 64: 1 and 2 are read unguarded
+    t[1, 100] = float("-inf")
+    s[1, 150] = -300.0
+    s[2, 150] = -300.0
+    y[:] = torch.tensor([3, 5, 7])
+    x = s.to(DEV).requires_grad_(True)
+    loss = sk.gated_opd_loss(x, t.to(DEV), y.to(DEV), reduction="none", backend="triton")
+    (g,) = torch.autograd.grad(loss, x, torch.ones(3, device=DEV))
+    loss, g = loss.cpu(), g.cpu()
+    assert loss[1] == math.inf and torch.isfinite(loss[[0, 2]]).all()
+    assert g[1, 150] == 0.0 and g[2, 150] == 0.0
+    want, _, g_want = oracle_opd(s, t, y, reduction="none")
+    assert_grad_close(g[[0, 2]], g_want[[0, 2]], torch.float32)
+
+
+@pytest.mark.parametrize("fwd_block,bwd_block", [(64, 16), (16, 64), (64, 4096)])
+def test_backward_with_other_blocks_than_forward(fwd_block, bwd_block, monkeypatch):
+    """The forward writes which columns it read unguarded (block size and lead) and the
+    backward drops its guards only there, whatever its own blocks: -inf in the student's
+    first, middle and last blocks and in the teacher, on an aligned and a shifted grid."""
+    monkeypatch.setattr(tlogits, "FWD_BLOCK_V", fwd_block)
+    monkeypatch.setattr(tlogits, "BWD_BLOCK_V", bwd_block)
+    for vocab in (200, 203):
+        s, t, y = _rand((4,), vocab, seed=8)
+        s, t = s.to(torch.bfloat16), t.to(torch.bfloat16)
+        s[1, 3] = float("-inf")
+        s[1, 70] = float("-inf")
+        # in the forward's last (guarded) block; where the shift (lead = 3 row mod 8) is 6,
+        # the blocks of 16 of the backward hold it in a block inside the row
+        s[2, vocab - 6] = float("-inf")
+        t[3, 20] = float("-inf")
+        s[3, 20] = float("-inf")
+        s[0, 90] = -400.0  # p = 0 in a finite row
+        y[:] = torch.tensor([1, 5, 9, 11])
+        x = s.to(DEV).requires_grad_(True)
+        # (beta > 0: with beta = 0 and no gate a student's -inf anywhere means a second read)
+        loss = sk.gated_opd_loss(x, t.to(DEV), y.to(DEV), beta=0.2, reduction="sum",
+                                 backend="triton")
+        (g,) = torch.autograd.grad(loss, x)
+        _, _, g_want = oracle_opd(s, t, y, beta=0.2, reduction="sum")
+        _, _, g_eager = oracle_opd(s, t, y, beta=0.2, reduction="sum", dtype=torch.float32)
+        assert_grad_close(g.cpu(), g_want, torch.bfloat16, g_eager)
+
+
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_rows_without_support_never_give_nan(divergence, backend, small_blocks):

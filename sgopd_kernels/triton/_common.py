@@ -89,6 +89,47 @@ def load_full(row, cols, stv, STRIDED_V: tl.constexpr):
 
 
 @triton.jit
+def _unpack_bf16(w):
+    """Two bfloat16 logits packed in an int32 word as float32 (low, high): one shift and
+    one mask, where a conversion of the bfloat16 values would take a byte permute and a
+    shift for the high one."""
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def load_pairs(row, start, BLOCK_V: tl.constexpr):
+    """The bfloat16 logits of columns [start, start + BLOCK_V) of a block inside the row, read
+    as int32 pairs (``row`` 4-byte aligned, ``start`` even), as float32."""
+    w = tl.load(row.to(tl.pointer_type(tl.int32)) + start // 2 + tl.arange(0, BLOCK_V // 2))
+    lo, hi = _unpack_bf16(w)
+    return tl.reshape(tl.join(lo, hi), [BLOCK_V])
+
+
+@triton.jit
+def load_pairs_tile(row, start, BLOCK_V: tl.constexpr):
+    """:func:`load_pairs` as the [BLOCK_V // SLOT, SLOT] tile of :func:`tile`."""
+    pr = tl.arange(0, BLOCK_V // SLOT)[:, None] * (SLOT // 2) + tl.arange(0, SLOT // 2)[None, :]
+    w = tl.load(row.to(tl.pointer_type(tl.int32)) + start // 2 + pr)
+    lo, hi = _unpack_bf16(w)
+    return tl.reshape(tl.join(lo, hi), [BLOCK_V // SLOT, SLOT])
+
+
+@triton.jit
+def load_inside(row, start, cols, stv, STRIDED_V: tl.constexpr, PAIRS: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """A block inside the row (no mask) at ``cols = start + offsets`` (1-D, or the tile):
+    in int32 pairs where ``PAIRS`` (bfloat16 rows whose grid starts are 4-byte aligned)."""
+    if PAIRS:
+        if len(cols.shape) == 2:
+            x = load_pairs_tile(row, start, BLOCK_V)
+        else:
+            x = load_pairs(row, start, BLOCK_V)
+    else:
+        x = load_full(row, cols, stv, STRIDED_V)
+    return x
+
+
+@triton.jit
 def tile(BLOCK_V: tl.constexpr):
     """Column offsets of one block as a [BLOCK_V // SLOT, SLOT] tile (row-major)."""
     return tl.arange(0, BLOCK_V // SLOT)[:, None] * SLOT + tl.arange(0, SLOT)[None, :]
@@ -111,26 +152,34 @@ def online(raw, m, z, scale2):
 
 
 @triton.jit
-def slot_ref(m, raw, f, scale):
+def slot_ref(m, raw, f, scale, GUARD: tl.constexpr):
     """Move each slot's raw running max ``m`` over a tile ``raw``.
 
     Returns the new max, its value in frame units ``c = (max - f) scale`` (the exponent
     of an element is ``(raw - f) scale - c``, 0 at the max up to the rounding of one
     product where the compiler contracts it into an FMA) and the factor that
-    rescales the slot's old sums. An empty slot (max -inf) has c = -f scale, its sums 0.
+    rescales the slot's old sums. With ``GUARD`` an empty slot (max -inf) has
+    c = -f scale, its sums 0. Without it an old max of -inf still gives the factor 0
+    (2^-inf), but a slot still empty after the tile has c = -inf, and its exponents
+    (-inf - -inf) are NaN: a tile that is -inf in a whole slot shows as a NaN.
     """
     nm = tl.maximum(m, tl.max(raw, 1))
-    c = (tl.where(nm == float("-inf"), 0.0, nm) - f) * scale
-    al = tl.exp2(tl.where(m == float("-inf"), 0.0, (m - f) * scale - c))
+    if GUARD:
+        c = (tl.where(nm == float("-inf"), 0.0, nm) - f) * scale
+        al = tl.exp2(tl.where(m == float("-inf"), 0.0, (m - f) * scale - c))
+    else:
+        c = (nm - f) * scale
+        al = tl.exp2((m - f) * scale - c)
     return nm, c, al
 
 
 @triton.jit
-def fold_lse(st, raw, xf, f, scale):
+def fold_lse(st, raw, xf, f, scale, GUARD: tl.constexpr):
     """The online fold of one model, parametrized by its scale: st = (raw max, sum 2^(xf - c))
-    per slot, where ``xf = (raw - f) scale`` is the tile in frame units."""
+    per slot, where ``xf = (raw - f) scale`` is the tile in frame units (``GUARD``: see
+    :func:`slot_ref`)."""
     m, z = st
-    nm, c, al = slot_ref(m, raw, f, scale)
+    nm, c, al = slot_ref(m, raw, f, scale, GUARD)
     return nm, z * al + tl.sum(tl.exp2(xf - c[:, None]), 1)
 
 
@@ -152,8 +201,14 @@ def fold_bridge(st, x, sf, FKL: tl.constexpr, GUARD: tl.constexpr):
     sum 2^(x - max) sf)."""
     m, z, ax, a_s = st
     nm = tl.maximum(m, tl.max(x, 1))
-    ref = tl.where(nm == float("-inf"), 0.0, nm)
-    dm = tl.where(m == float("-inf"), 0.0, m - ref)
+    if GUARD:
+        ref = tl.where(nm == float("-inf"), 0.0, nm)
+    else:  # a slot still empty after the tile: NaN exponents (see slot_ref)
+        ref = nm
+    if GUARD or FKL:  # forward KL multiplies dm by the old sum (0 in an empty slot)
+        dm = tl.where(m == float("-inf"), 0.0, m - ref)
+    else:
+        dm = m - ref  # -inf in an empty slot: the factor 2^dm is 0
     al = tl.exp2(dm)
     xr = x - ref[:, None]
     e = tl.exp2(xr)

@@ -54,10 +54,10 @@ import triton.language as tl
 
 from .._options import Divergence
 from ._common import (SLOT, any_nan, bridge, combine_bridge, combine_lse, fold_bridge, fold_lse,
-                      load_block, load_full, load_span, row_offset, row_ptr, row_token,
+                      load_block, load_inside, load_span, row_offset, row_ptr, row_token,
                       shifted_row, slot_ref, slot_state, tile)
 from ._layout import RowLayout, row_layout
-from ._table import (A, B, DELTA, ENTROPY, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S, LOGITS_K,
+from ._table import (A, B, DELTA, ENTROPY, FINITE, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S, LOGITS_K,
                      LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
 
 LOG2E = 1.4426950408889634
@@ -70,15 +70,18 @@ RKL = tl.constexpr(int(Divergence.REVERSE_KL))
 def _fold_student(st, raw_s, sf, tf, f_s, scale2, GUARD: tl.constexpr):
     """st = per slot (raw max, sum 2^(sf - c), sum 2^(sf - c) sf, sum 2^(sf - c) tf)."""
     m, z, acc_ss, acc_st = st
-    nm, c, al = slot_ref(m, raw_s, f_s, scale2)
+    nm, c, al = slot_ref(m, raw_s, f_s, scale2, GUARD)
     e = tl.exp2(sf - c[:, None])  # the element's one exponent
     if GUARD:
         ps = tl.where(e == 0.0, 0.0, e * sf)
         pt = tl.where(e == 0.0, 0.0, e * tf)
-    else:
+        # a -inf sum (the teacher masks a token the student weights) stays -inf
+        acc_st = tl.where(acc_st == float("-inf"), float("-inf"), acc_st * al)
+    else:  # (-inf * al is -inf, or NaN where al is 0: a NaN means a guarded re-read)
         ps = e * sf
         pt = e * tf
-    acc_st = tl.where(acc_st == float("-inf"), float("-inf"), acc_st * al) + tl.sum(pt, 1)
+        acc_st = acc_st * al
+    acc_st = acc_st + tl.sum(pt, 1)
     return nm, z * al + tl.sum(e, 1), acc_ss * al + tl.sum(ps, 1), acc_st
 
 
@@ -97,7 +100,7 @@ def _fold(state, raw_s, raw_t, frame, coef, HAS_GATE: tl.constexpr, FKL: tl.cons
     sf = (raw_s - f_s) * scale2
     tf = (raw_t - f_t) * tscale2
     st_s = _fold_student(st_s, raw_s, sf, tf, f_s, scale2, GUARD)
-    st_t = fold_lse(st_t, raw_t, tf, f_t, tscale2)
+    st_t = fold_lse(st_t, raw_t, tf, f_t, tscale2, GUARD)
     if GUARD:
         support = (raw_s != float("-inf")) & (raw_t != float("-inf"))
         if not SKIP_BRIDGE:
@@ -161,7 +164,8 @@ def _opd_fwd_kernel(
     scale2, tscale2, beta, lam_pos, lam_neg, ignore_index,
     HAS_GATE: tl.constexpr, DIVERGENCE: tl.constexpr,
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, TEACHER_BRIDGE: tl.constexpr = False,
-    ALIGN: tl.constexpr = False, T_SAME: tl.constexpr = False,
+    ALIGN: tl.constexpr = False, T_SAME: tl.constexpr = False, S_PAIRS: tl.constexpr = False,
+    T_PAIRS: tl.constexpr = False,
 ):
     NEG_INF_: tl.constexpr = float("-inf")
     LN2_: tl.constexpr = 0.6931471805599453
@@ -239,9 +243,9 @@ def _opd_fwd_kernel(
     n_full = (end // BLOCK_V) * BLOCK_V
     for start in range(BLOCK_V, n_full, BLOCK_V):
         cols = start + offs
-        state = _fold(state, load_full(s_grid, cols, s_stv, STRIDED_V),
-                      load_full(t_grid, cols, t_stv, STRIDED_V), frame, coef, HAS_GATE, FKL,
-                      SKIP, False)
+        state = _fold(state, load_inside(s_grid, start, cols, s_stv, STRIDED_V, S_PAIRS, BLOCK_V),
+                      load_inside(t_grid, start, cols, t_stv, STRIDED_V, T_PAIRS, BLOCK_V),
+                      frame, coef, HAS_GATE, FKL, SKIP, False)
     for start in range(tl.maximum(n_full, BLOCK_V), end, BLOCK_V):  # at most once
         cols = start + offs  # (past block 0: every column of the grid is past the lead)
         raw_s = load_block(s_grid, cols, s_stv, end, STRIDED_V)
@@ -368,25 +372,62 @@ def _opd_fwd_kernel(
     tl.store(out + MEAN_T, tl.where(valid, mean_t, 0.0))
     tl.store(out + MAX_Q, tl.where(valid, m_c, 0.0))
     tl.store(out + LOG2Z_Q, tl.where(valid, lz_c, 0.0))
+    # The unguarded full blocks met no -inf, +inf or NaN in either model if none left a NaN
+    # (no re-read) and the loss is finite (a teacher's -inf where the student has mass is a
+    # -inf sum, and an infinite loss): the backward then drops its guards there. Written as
+    # the grid that says which columns those blocks are (block size and lead), 0 if not.
+    if ALIGN:
+        code = BLOCK_V * SLOT + lead
+    else:
+        code = BLOCK_V * SLOT
+    finite = valid & ~redo & (tl.abs(loss) < float("inf"))
+    tl.store(out + FINITE, tl.where(finite, code.to(tl.float32), 0.0))
 
 
 @triton.jit
-def _grad_block(raw_s, raw_t, f_s, f_t, r_s, lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2,
-                tscale2, factor, DIVERGENCE: tl.constexpr):
-    """d loss / d z_S of one block from the row's saved state; ``factor``: the row's scalar
-    (its incoming gradient, validity and token check) over the temperature."""
-    sf = (raw_s - f_s) * scale2
-    tf = (raw_t - f_t) * tscale2
+def _grad_block(raw_s, raw_t, rs, DIVERGENCE: tl.constexpr, GUARD: tl.constexpr):
+    """d loss / d z_S of one block from the row's saved state ``rs``; its ``factor`` is the
+    row's scalar (its incoming gradient, validity and token check) over the temperature.
+    Without ``GUARD`` (a row whose logits are all finite) no element is sanitized."""
+    f_s, f_t, r_s, lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2, factor = rs
     if DIVERGENCE == RKL:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
-        p = tl.exp2(sf - ((r_s - f_s) * scale2 + lz_s))  # lp_S = sf + off_s, from sf
-        w = (1.0 - b) * (sf - mean_s) - a * (tf - mean_t)
-        gv = tl.where(p == 0.0, 0.0, p * w) * (factor * 0.6931471805599453)
+        # with d = raw - frame: lp_S = d_s scale2 + off_s, and k (u - E_p[u]) is affine in
+        # (d_s, d_t), k = factor ln 2 (the row's scalar) folded into its coefficients
+        d_s = raw_s - f_s
+        d_t = raw_t - f_t
+        p = tl.exp2(tl.fma(d_s, scale2, -((r_s - f_s) * scale2 + lz_s)))
+        k = factor * 0.6931471805599453
+        kb = k * (1.0 - b)
+        ka = k * a
+        w = tl.fma(kb * scale2, d_s, tl.fma(-ka * tscale2, d_t, ka * mean_t - kb * mean_s))
+        if GUARD:  # (k * 0: NaN for a bad token id, as p * w)
+            gv = tl.where(p == 0.0, k * 0.0, p * w)
+        else:
+            gv = p * w
     else:  # p - q; x has the forward's bits, so x - m_c is exact at the max
+        sf = (raw_s - f_s) * scale2
+        tf = (raw_t - f_t) * tscale2
         p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
-        support = (raw_s != float("-inf")) & (raw_t != float("-inf"))
-        q = tl.exp2((bridge(tf, sf, a, b, support) - m_c) - lz_c)
+        if GUARD:
+            x = bridge(tf, sf, a, b, (raw_s != float("-inf")) & (raw_t != float("-inf")))
+        else:
+            x = tl.fma(a, tf, b * sf)
+        q = tl.exp2((x - m_c) - lz_c)
         gv = (p - q) * factor
     return gv
+
+
+@triton.jit
+def _grad_inside(grids, stv, start, rs, DIVERGENCE: tl.constexpr, GUARD: tl.constexpr,
+                 STRIDED_V: tl.constexpr, S_PAIRS: tl.constexpr, T_PAIRS: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
+    """The gradient of a block inside the row: unmasked loads and store."""
+    s_grid, t_grid, g_grid = grids
+    cols = start + tl.arange(0, BLOCK_V)
+    gv = _grad_block(load_inside(s_grid, start, cols, stv[0], STRIDED_V, S_PAIRS, BLOCK_V),
+                     load_inside(t_grid, start, cols, stv[1], STRIDED_V, T_PAIRS, BLOCK_V),
+                     rs, DIVERGENCE, GUARD)
+    tl.store(g_grid + cols, gv.to(g_grid.dtype.element_ty))
 
 
 @triton.jit
@@ -397,33 +438,33 @@ def _opd_bwd_kernel(
     t_d1, t_st0, t_st1, t_stv,
     scale2, tscale2, inv_temp, ignore_index,
     DIVERGENCE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
-    LOCAL_TOKENS: tl.constexpr, ALIGN: tl.constexpr = False, T_SAME: tl.constexpr = False,
-    G_SAME: tl.constexpr = False,
+    LOCAL_TOKENS: tl.constexpr, BLOCKS: tl.constexpr = 1, ALIGN: tl.constexpr = False,
+    T_SAME: tl.constexpr = False, G_SAME: tl.constexpr = False, S_PAIRS: tl.constexpr = False,
+    T_PAIRS: tl.constexpr = False,
 ):
+    """Program (row, j) writes the gradient of blocks j BLOCKS .. (j + 1) BLOCKS - 1 of the
+    row: the row's state is loaded once for BLOCKS blocks."""
     row = tl.program_id(0).to(tl.int64)
     y, valid, y_ok = row_token(TOK, row, V, ignore_index)
     if not LOCAL_TOKENS:  # global ids of a vocabulary shard: the forward made bad rows NaN
         y_ok = valid
     gr = tl.load(GROW + row)
     st = ROWS + row * LOGITS_K
-    r_s = tl.load(st + REF_S)
-    lz_s = tl.load(st + LOG2Z_S)
-    f_s = tl.load(st + FRAME_S)
-    f_t = tl.load(st + FRAME_T)
-    mean_s = tl.load(st + MEAN_S)
-    mean_t = tl.load(st + MEAN_T)
-    a = tl.load(st + A)
-    b = tl.load(st + B)
-    m_c = tl.load(st + MAX_Q)
-    lz_c = tl.load(st + LOG2Z_Q)
-
     # the row's conditions as one scalar: 0 for a masked row (which reads nothing, so its p
     # and q are 0), NaN for a token id out of range, else the incoming gradient
     coef = tl.where(valid, tl.where(y_ok, gr, float("nan")), 0.0)
-    factor = coef * inv_temp
     n_cols = tl.where(valid, V, 0)
-    lz_s = tl.where(valid, lz_s, 0.0)  # (a table may hold -inf sums for a masked row)
-    lz_c = tl.where(valid, lz_c, 0.0)
+    # (a table may hold -inf sums for a masked row)
+    rs = (tl.load(st + FRAME_S), tl.load(st + FRAME_T), tl.load(st + REF_S),
+          tl.where(valid, tl.load(st + LOG2Z_S), 0.0), tl.load(st + MEAN_S),
+          tl.load(st + MEAN_T), tl.load(st + A), tl.load(st + B), tl.load(st + MAX_Q),
+          tl.where(valid, tl.load(st + LOG2Z_Q), 0.0), scale2, tscale2, coef * inv_temp)
+    # the columns [c0, c1) of the row that the forward read unguarded and found finite
+    # (none where its table says 0; see the forward's FINITE)
+    code = tl.load(st + FINITE).to(tl.int32)
+    b_f = code // SLOT
+    c0 = b_f - code % SLOT
+    c1 = tl.where(code > 0, ((V + code % SLOT) // tl.maximum(b_f, 1)) * b_f - code % SLOT, 0)
     if ALIGN:
         # the forward's shifted grid (column c' is the row's c' - lead, lead moving the row's
         # start back to a 16-byte boundary): a block inside the row loads and stores
@@ -433,31 +474,40 @@ def _opd_bwd_kernel(
         s_grid = shifted_row(S, s_off, lead, True)
         t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
         g_grid = shifted_row(DS, row * V, lead, G_SAME)
-        start = tl.program_id(1) * BLOCK_V
-        cols = start + tl.arange(0, BLOCK_V)
-        end = n_cols + lead
-        if (start >= lead) & (start + BLOCK_V <= end):
-            gv = _grad_block(load_full(s_grid, cols, s_stv, STRIDED_V),
-                             load_full(t_grid, cols, t_stv, STRIDED_V), f_s, f_t, r_s, lz_s,
-                             mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2, factor,
-                             DIVERGENCE)
-            tl.store(g_grid + cols, gv.to(DS.dtype.element_ty))
-        else:
+    else:
+        lead = 0
+        s_grid = row_ptr(S, row, s_d1, s_st0, s_st1)
+        t_grid = row_ptr(T, row, t_d1, t_st0, t_st1)
+        g_grid = DS + row * V
+    grids = (s_grid, t_grid, g_grid)
+    end = n_cols + lead  # the grid's columns [lead, end) are the row's (none if masked)
+    lo = tl.program_id(1) * (BLOCKS * BLOCK_V)  # this program's columns [lo, hi) of the grid
+    hi = tl.minimum(lo + BLOCKS * BLOCK_V, V + lead)
+    # the blocks that lie inside the row (past the lead): unmasked; those
+    # inside [c0, c1) also unguarded
+    in_lo = tl.maximum(lo, tl.cdiv(lead, BLOCK_V) * BLOCK_V)
+    # (end <= V + lead, so hi's clamp to the row is implied; left out, the bounds stay
+    # multiples of BLOCK_V where V + lead is odd, and the loads and stores vectorize)
+    in_hi = tl.maximum(tl.minimum(lo + BLOCKS * BLOCK_V, (end // BLOCK_V) * BLOCK_V), in_lo)
+    u_lo = tl.minimum(tl.maximum(in_lo, tl.cdiv(c0 + lead, BLOCK_V) * BLOCK_V), in_hi)
+    u_hi = tl.maximum(tl.minimum(in_hi, ((c1 + lead) // BLOCK_V) * BLOCK_V), u_lo)
+    for start in range(u_lo, u_hi, BLOCK_V):
+        _grad_inside(grids, (s_stv, t_stv), start, rs, DIVERGENCE, False, STRIDED_V, S_PAIRS,
+                     T_PAIRS, BLOCK_V)
+    for start in range(in_lo, in_hi, BLOCK_V):
+        if (start < u_lo) | (start >= u_hi):
+            _grad_inside(grids, (s_stv, t_stv), start, rs, DIVERGENCE, True, STRIDED_V,
+                         S_PAIRS, T_PAIRS, BLOCK_V)
+    # the others, masked: block 0 where lead > 0, the partial last block, and every block of
+    # a masked row (zeros)
+    for start in range(lo, hi, BLOCK_V):
+        if (start < in_lo) | (start >= in_hi):
+            cols = start + tl.arange(0, BLOCK_V)
             gv = _grad_block(load_span(s_grid, cols, lead, end, s_stv, STRIDED_V),
-                             load_span(t_grid, cols, lead, end, t_stv, STRIDED_V), f_s, f_t,
-                             r_s, lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2,
-                             factor, DIVERGENCE)
+                             load_span(t_grid, cols, lead, end, t_stv, STRIDED_V), rs,
+                             DIVERGENCE, True)
             tl.store(g_grid + cols, gv.to(DS.dtype.element_ty),
                      mask=(cols >= lead) & (cols < V + lead))
-    else:
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
-        t_row = row_ptr(T, row, t_d1, t_st0, t_st1)
-        gv = _grad_block(load_block(s_row, cols, s_stv, n_cols, STRIDED_V),
-                         load_block(t_row, cols, t_stv, n_cols, STRIDED_V), f_s, f_t, r_s,
-                         lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2, factor,
-                         DIVERGENCE)
-        tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
 
 
 # ---------------------------------------------------------------------------
@@ -468,6 +518,7 @@ FWD_WARPS = 8
 MIN_BLOCK_V = 2 * SLOT.value  # the forward's tile holds at least two slots
 BWD_BLOCK_V = 4096
 BWD_WARPS = 8
+BWD_BLOCKS = 4  # blocks per backward program
 
 
 def _check_rows(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -490,9 +541,8 @@ def _misaligned(lay) -> bool:
     return lay.st0 % SLOT.value != 0 or (lay.d1 > 1 and lay.st1 % SLOT.value != 0)
 
 
-def _congruent(a, b) -> bool:
-    """Whether every row of layouts ``a`` and ``b`` starts at the same offset modulo SLOT."""
-    m = SLOT.value
+def _congruent(a, b, m: int = SLOT.value) -> bool:
+    """Whether every row of layouts ``a`` and ``b`` starts at the same offset modulo ``m``."""
     return a.d1 == b.d1 and (a.st0 - b.st0) % m == 0 and (a.d1 == 1 or (a.st1 - b.st1) % m == 0)
 
 
@@ -509,6 +559,28 @@ def shift_plan(ls, lt, vocab: int) -> dict:
                 G_SAME=_congruent(ls, grad))
 
 
+def _even_rows(lay) -> bool:
+    """Whether every row of ``lay`` starts 4-byte aligned (an even column of a bfloat16 tensor
+    whose base is 4-byte aligned)."""
+    return (lay.tensor.data_ptr() % 4 == 0 and lay.st0 % 2 == 0
+            and (lay.d1 == 1 or lay.st1 % 2 == 0))
+
+
+def pairs_plan(ls, lt, align: bool, block: int) -> dict:
+    """S_PAIRS / T_PAIRS: the full blocks of the student's / the teacher's rows are read as
+    int32 pairs of bfloat16 logits (:func:`_common.load_pairs`). That needs bfloat16, a
+    contiguous vocabulary and grid rows that start 4-byte aligned: every row where the grid
+    is not shifted; on the shifted grid (``align``) the student's, and the teacher's where
+    its row starts have the parity of the student's. Blocks of fewer than 2 SLOT columns (a
+    tiny vocabulary) are read as they are."""
+    def bf16(lay):
+        return lay.tensor.dtype == torch.bfloat16 and lay.stv == 1 and block >= 2 * SLOT.value
+    if align:
+        t_ok = lt.tensor.data_ptr() % 4 == 0 and _congruent(ls, lt, 2)
+        return dict(S_PAIRS=bf16(ls), T_PAIRS=bf16(lt) and t_ok)
+    return dict(S_PAIRS=bf16(ls) and _even_rows(ls), T_PAIRS=bf16(lt) and _even_rows(lt))
+
+
 def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=None):
     """Forward: per-row table (N, LOGITS_K) for logits (..., V) and (..., V_T) of any strides."""
     _check_rows(student, teacher)
@@ -521,6 +593,7 @@ def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=No
         return out
     sig = sign if sign is not None else tokens  # unused pointer when there is no gate
     block = max(MIN_BLOCK_V, block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab)))
+    plan = _fwd_plan(ls, lt, vocab)
     _opd_fwd_kernel[(n,)](
         ls.tensor, lt.tensor, tokens, sig, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
@@ -529,7 +602,7 @@ def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=No
         HAS_GATE=sign is not None, DIVERGENCE=_divergence(opts),
         STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
         TEACHER_BRIDGE=(sign is None and float(opts.beta) == 0.0),
-        num_warps=num_warps or FWD_WARPS, **_fwd_plan(ls, lt, vocab),
+        num_warps=num_warps or FWD_WARPS, **plan, **pairs_plan(ls, lt, plan["ALIGN"], block),
     )
     return out
 
@@ -544,6 +617,14 @@ def _fwd_plan(ls, lt, vocab: int) -> dict:
     if plan["ALIGN"] and not plan["T_SAME"] and not _misaligned(lt):
         plan["ALIGN"] = False
     return plan
+
+
+def bwd_programs(vocab: int, block: int, align: bool) -> tuple:
+    """A backward's programs per row and blocks per program (BLOCKS): up to BWD_BLOCKS
+    blocks share one load of the row's state. The shifted grid has SLOT - 1 more columns."""
+    blocks = triton.cdiv(vocab + (SLOT.value - 1 if align else 0), block)
+    per = min(BWD_BLOCKS, blocks)
+    return triton.cdiv(blocks, per), per
 
 
 def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts, *, block_v=None,
@@ -562,14 +643,14 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts, *, block_
         return grad
     block = block_v or min(BWD_BLOCK_V, triton.next_power_of_2(vocab))
     plan = shift_plan(ls, lt, vocab)
-    blocks = triton.cdiv(vocab + (SLOT.value - 1 if plan["ALIGN"] else 0), block)
-    _opd_bwd_kernel[(n, blocks)](
+    programs, per = bwd_programs(vocab, block, plan["ALIGN"])
+    _opd_bwd_kernel[(n, programs)](
         ls.tensor, lt.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / opts.temperature, LOG2E / opts.teacher_temperature, 1.0 / opts.temperature,
         int(opts.ignore_index), DIVERGENCE=_divergence(opts),
         STRIDED_V=(ls.stv != 1 or lt.stv != 1),
-        BLOCK_V=block, LOCAL_TOKENS=bool(local_tokens),
-        num_warps=num_warps or BWD_WARPS, **plan,
+        BLOCK_V=block, LOCAL_TOKENS=bool(local_tokens), BLOCKS=per,
+        num_warps=num_warps or BWD_WARPS, **plan, **pairs_plan(ls, lt, plan["ALIGN"], block),
     )
     return grad
