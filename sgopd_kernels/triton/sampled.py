@@ -6,8 +6,9 @@ raw logit units, exponents ``(raw - ref) * log2(e) / tau`` as in logits.py.
 The state is kept per slot of a [BLOCK_V // SLOT, SLOT] tile (``_common``):
 full blocks unmasked and without per-element guards, a row that meets a -inf
 there read again with them.
-Backward: a 2-D grid writing -(A / tau) (onehot(y) - p_S) times the row's
-incoming gradient, the row's conditions folded into one scalar. Rows whose
+Backward: a 2-D grid, each program a few blocks of a row, writing
+-(A / tau) (onehot(y) - p_S) times the row's incoming gradient, the row's
+conditions folded into one scalar. Rows whose
 starts are not 16-byte aligned (V = 50257) are read on a grid shifted back to
 a 16-byte boundary (``ALIGN``, as in logits.py), so full blocks keep their
 128-bit loads and stores.
@@ -21,9 +22,9 @@ import triton.language as tl
 
 from ._layout import row_layout
 from ._table import ADV, DELTA, ENTROPY, GATE, LOSS, S_LOG2Z, S_REF, SAMPLED_K, TEACHER_KL
-from ._common import (SLOT, any_nan, load_block, load_full, load_span, row_offset, row_ptr,
-                      row_token, shifted_row, slot_state, tile)
-from .logits import LOG2E, MIN_BLOCK_V, shift_plan
+from ._common import (SLOT, any_nan, load_block, load_inside, load_span, row_offset,
+                      row_ptr, row_token, shifted_row, slot_state, tile)
+from .logits import LOG2E, MIN_BLOCK_V, bwd_programs, pairs_plan, shift_plan
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def _sampled_fwd_kernel(
     V, s_d1, s_st0, s_st1, s_stv,
     scale2, lam_pos, lam_neg, ignore_index,
     HAS_GATE: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
-    ALIGN: tl.constexpr = False,
+    ALIGN: tl.constexpr = False, S_PAIRS: tl.constexpr = False,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     LN2: tl.constexpr = 0.6931471805599453
@@ -82,7 +83,8 @@ def _sampled_fwd_kernel(
         first = 0
     n_full = (end // BLOCK_V) * BLOCK_V
     for start in range(first, n_full, BLOCK_V):
-        st = _fold_entropy(st, load_full(grid, start + offs, s_stv, STRIDED_V), scale2, False)
+        st = _fold_entropy(st, load_inside(grid, start, start + offs, s_stv, STRIDED_V, S_PAIRS,
+                                           BLOCK_V), scale2, False)
     redo = any_nan(st[1] + st[2]) & (n_full > first)  # a -inf (or NaN) logit in a full block
     st = (tl.where(redo, float("-inf"), st[0]), tl.where(redo, 0.0, st[1]),
           tl.where(redo, 0.0, st[2]))
@@ -133,13 +135,21 @@ def _sampled_fwd_kernel(
 
 
 @triton.jit
+def _grad(raw, cols, col_y, r_s, lz_s, scale2, coef):
+    """-(A / tau) (onehot(y) - p_S) times the incoming gradient (``coef``), at ``cols``."""
+    return ((cols.to(tl.int64) == col_y).to(tl.float32)
+            - tl.exp2((raw - r_s) * scale2 - lz_s)) * coef
+
+
+@triton.jit
 def _sampled_bwd_kernel(
     S, TOK, ROWS, GROW, DS,
     V, s_d1, s_st0, s_st1, s_stv,
     scale2, inv_temp, ignore_index,
-    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr = False,
-    G_SAME: tl.constexpr = False,
+    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, BLOCKS: tl.constexpr = 1,
+    ALIGN: tl.constexpr = False, G_SAME: tl.constexpr = False, S_PAIRS: tl.constexpr = False,
 ):
+    """Program (row, j) writes blocks j BLOCKS .. (j + 1) BLOCKS - 1 of the row's gradient."""
     row = tl.program_id(0).to(tl.int64)
     y, valid, y_ok = row_token(TOK, row, V, ignore_index)
     n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
@@ -155,28 +165,30 @@ def _sampled_bwd_kernel(
         lead = s_off % SLOT
         grid = shifted_row(S, s_off, lead, True)
         g_grid = shifted_row(DS, row * V, lead, G_SAME)
-        start = tl.program_id(1) * BLOCK_V
+    else:
+        lead = 0
+        grid = row_ptr(S, row, s_d1, s_st0, s_st1)
+        g_grid = DS + row * V
+    end = n_cols + lead
+    col_y = y + lead  # y in the grid's columns
+    lo = tl.program_id(1) * (BLOCKS * BLOCK_V)  # this program's columns [lo, hi) of the grid
+    hi = tl.minimum(lo + BLOCKS * BLOCK_V, V + lead)
+    in_lo = tl.maximum(lo, tl.cdiv(lead, BLOCK_V) * BLOCK_V)  # blocks inside the row
+    # (end <= V + lead, so hi's clamp to the row is implied; left out, the bounds stay
+    # multiples of BLOCK_V where V + lead is odd, and the loads and stores vectorize)
+    in_hi = tl.maximum(tl.minimum(lo + BLOCKS * BLOCK_V, (end // BLOCK_V) * BLOCK_V), in_lo)
+    for start in range(in_lo, in_hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        end = n_cols + lead
-        col_y = y + lead  # y in the grid's columns
-        if (start >= lead) & (start + BLOCK_V <= end):
-            raw = load_full(grid, cols, s_stv, STRIDED_V)
-            gv = ((cols.to(tl.int64) == col_y).to(tl.float32)
-                  - tl.exp2((raw - r_s) * scale2 - lz_s)) * coef
-            tl.store(g_grid + cols, gv.to(DS.dtype.element_ty))
-        else:
-            raw = load_span(grid, cols, lead, end, s_stv, STRIDED_V)
-            gv = ((cols.to(tl.int64) == col_y).to(tl.float32)
-                  - tl.exp2((raw - r_s) * scale2 - lz_s)) * coef
+        gv = _grad(load_inside(grid, start, cols, s_stv, STRIDED_V, S_PAIRS, BLOCK_V), cols,
+                   col_y, r_s, lz_s, scale2, coef)
+        tl.store(g_grid + cols, gv.to(DS.dtype.element_ty))
+    for start in range(lo, hi, BLOCK_V):  # the others, masked (every block of a masked row)
+        if (start < in_lo) | (start >= in_hi):
+            cols = start + tl.arange(0, BLOCK_V)
+            gv = _grad(load_span(grid, cols, lead, end, s_stv, STRIDED_V), cols, col_y, r_s,
+                       lz_s, scale2, coef)
             tl.store(g_grid + cols, gv.to(DS.dtype.element_ty),
                      mask=(cols >= lead) & (cols < V + lead))
-    else:
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        raw = load_block(row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, n_cols, STRIDED_V)
-        p = tl.exp2((raw - r_s) * scale2 - lz_s)
-        onehot = (cols.to(tl.int64) == y).to(tl.float32)
-        gv = (onehot - p) * coef
-        tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
 
 
 FWD_BLOCK_V = 4096
@@ -195,12 +207,13 @@ def sampled_rows(student, teacher_logprobs, tokens, sign, opts, *, block_v=None)
     if n == 0:
         return out
     block = max(MIN_BLOCK_V, block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab)))
+    align = shift_plan(ls, ls, vocab)["ALIGN"]
     _sampled_fwd_kernel[(n,)](
         ls.tensor, teacher_logprobs, tokens, sign if sign is not None else tokens, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,
         LOG2E / opts.temperature, float(opts.lam_pos), float(opts.lam_neg),
         int(opts.ignore_index), HAS_GATE=sign is not None, STRIDED_V=ls.stv != 1, BLOCK_V=block,
-        num_warps=NUM_WARPS, ALIGN=shift_plan(ls, ls, vocab)["ALIGN"],
+        num_warps=NUM_WARPS, ALIGN=align, S_PAIRS=pairs_plan(ls, ls, align, block)["S_PAIRS"],
     )
     return out
 
@@ -215,12 +228,13 @@ def sampled_rows_backward(grad_rows, student, teacher_logprobs, tokens, rows, op
         return grad
     block = block_v or min(BWD_BLOCK_V, triton.next_power_of_2(vocab))
     plan = shift_plan(ls, ls, vocab)
-    blocks = triton.cdiv(vocab + (SLOT.value - 1 if plan["ALIGN"] else 0), block)
-    _sampled_bwd_kernel[(n, blocks)](
+    programs, per = bwd_programs(vocab, block, plan["ALIGN"])
+    _sampled_bwd_kernel[(n, programs)](
         ls.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,
         LOG2E / opts.temperature, 1.0 / opts.temperature, int(opts.ignore_index),
-        STRIDED_V=ls.stv != 1, BLOCK_V=block, num_warps=NUM_WARPS, ALIGN=plan["ALIGN"],
-        G_SAME=plan["G_SAME"],
+        STRIDED_V=ls.stv != 1, BLOCK_V=block, BLOCKS=per, num_warps=NUM_WARPS,
+        ALIGN=plan["ALIGN"], G_SAME=plan["G_SAME"],
+        S_PAIRS=pairs_plan(ls, ls, plan["ALIGN"], block)["S_PAIRS"],
     )
     return grad
