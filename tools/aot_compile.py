@@ -563,7 +563,10 @@ def model(la: Launch, sass: Sass, rows: int, vocab: int, block: int) -> dict:
         wide = max((k for k in body if k.startswith("LDG.")), key=lambda k: int(k[4:]))
         rest = Counter(classify(op) for op in sass.rest_ops)
         peeled = rest[wide] // body[wide]
-        trips = max(math.ceil(vocab / block) - peeled, 0)
+        # a row's blocks may be shared by several programs (a 2-D grid, each program
+        # looping over a few of them): the trips of one program are its share
+        per_row = math.prod(grid) / rows if grid else 1.0
+        trips = max(math.ceil(vocab / block) - peeled, 0) / max(per_row, 1.0)
         dyn = Counter(sass.rest_ops)  # the other loops: zero trips (rare rows)
         for op in sass.loop_ops:
             dyn[op] += trips
@@ -770,7 +773,7 @@ def print_report(records, by_name, order):
     for la, r, us, m in rows:
         loop = "0x%x-0x%x" % tuple(r["loop"]) if r["loop"] else "none"
         print(f"| {la.name} | {us[0]} | {r.get('regs', '?')} | {m['block'] or '-'} | "
-              f"{m['loop_instr']} ({loop}) | {m['trips']} | {m['loop_bytes_per_elem']:.2f} | "
+              f"{m['loop_instr']} ({loop}) | {m['trips']:.3g} | {m['loop_bytes_per_elem']:.2f} | "
               + " | ".join(f"{m['per_elem'].get(c, 0):.2f}" for c in cls)
               + f" | {m['instr_per_elem']:.2f} |")
     print(f"\n## Lower bounds (ms) at N = {N_MODEL}: H100 SXM, {SMS} SMs at {CLOCK_GHZ} GHz, "
