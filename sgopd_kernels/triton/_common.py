@@ -3,18 +3,24 @@
 A row is streamed in blocks of ``BLOCK_V`` logits. The forward kernels see a
 block as a ``[BLOCK_V // SLOT, SLOT]`` tile (:func:`tile`): each of its
 ``BLOCK_V // SLOT`` slots is ``SLOT`` consecutive logits that one thread
-holds (one 128-bit load for bfloat16). Running state is kept per slot and
-reduced along the slot, inside the thread; the slots are combined across
-threads once per row (``combine_*``). Every fold comes in two forms, chosen
-by the constexpr ``GUARD``:
+holds (one 128-bit load for bfloat16), or, in the logits forward, as the
+``[BLOCK_V // (2 SLOT), 2 SLOT]`` tile of :func:`tile2`, whose slots hold
+``SLOT`` consecutive logits of each half of the block (two 128-bit loads, one
+slot). Running state is kept per slot and reduced along the slot, inside the
+thread; the slots are combined across threads once per row (``combine_*``).
+Every fold comes in two forms, chosen by the constexpr ``GUARD``:
 
-- ``GUARD=True`` sanitizes every element (a product ``e * x`` is 0 where
-  ``e == 0``, the bridge is -inf off the joint support): exact for any input,
-  including -inf logits;
-- ``GUARD=False`` does no per-element sanitation. On finite logits it gives
-  the same values; a -inf logit turns some accumulator into NaN, which the
-  kernel detects once per row (:func:`any_nan`) to read that row again with
-  ``GUARD=True``.
+- ``GUARD=True`` sanitizes every element and every slot (a product ``e * x``
+  is 0 where ``e == 0``, the bridge is -inf off the joint support, an empty
+  slot keeps sums of 0): exact for any input, including -inf logits;
+- ``GUARD=False`` does no sanitation. On finite logits it gives the same
+  values; a -inf logit (or a slot that is -inf throughout) turns some
+  accumulator into NaN, which the kernel detects once per row
+  (:func:`any_nan`) to read that row again with ``GUARD=True``.
+
+Blocks inside the row of contiguous bfloat16 rows whose grid starts are
+4-byte aligned are read as int32 pairs (:func:`load_pairs`): two float32 out
+of one word with a shift and a mask.
 """
 
 from __future__ import annotations
@@ -133,6 +139,40 @@ def load_inside(row, start, cols, stv, STRIDED_V: tl.constexpr, PAIRS: tl.conste
 def tile(BLOCK_V: tl.constexpr):
     """Column offsets of one block as a [BLOCK_V // SLOT, SLOT] tile (row-major)."""
     return tl.arange(0, BLOCK_V // SLOT)[:, None] * SLOT + tl.arange(0, SLOT)[None, :]
+
+
+@triton.jit
+def join_halves(a, b):
+    """Two [R, SLOT] tiles as one [R, 2 SLOT] tile: slot r holds slot r of both."""
+    return tl.reshape(tl.join(a, b), [a.shape[0], 2 * SLOT])
+
+
+@triton.jit
+def tile2(BLOCK_V: tl.constexpr):
+    """Column offsets of one block as a [BLOCK_V // (2 SLOT), 2 SLOT] tile: slot r holds
+    the r-th SLOT columns of each half of the block (each thread loads two 128-bit vectors
+    of bfloat16 and keeps one slot, so a slot's sums are rescaled once per 2 SLOT logits)."""
+    h = tile(BLOCK_V // 2)
+    return join_halves(h, h + BLOCK_V // 2)
+
+
+@triton.jit
+def load_inside2(row, start, stv, STRIDED_V: tl.constexpr, PAIRS: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
+    """:func:`load_inside` of a block inside the row, as the tile of :func:`tile2`."""
+    h = start + tile(BLOCK_V // 2)
+    return join_halves(load_inside(row, start, h, stv, STRIDED_V, PAIRS, BLOCK_V // 2),
+                       load_inside(row, start + BLOCK_V // 2, h + BLOCK_V // 2, stv, STRIDED_V,
+                                   PAIRS, BLOCK_V // 2))
+
+
+@triton.jit
+def load_span2(row, start, lo, hi, stv, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """:func:`load_span` of the block at ``start`` as the tile of :func:`tile2` (two loads
+    of half tiles, so that each keeps the layout of a 128-bit load)."""
+    h = start + tile(BLOCK_V // 2)
+    return join_halves(load_span(row, h, lo, hi, stv, STRIDED_V),
+                       load_span(row, h + BLOCK_V // 2, lo, hi, stv, STRIDED_V))
 
 
 @triton.jit

@@ -21,16 +21,20 @@ the student's probability sit near it, small and exact. Maxima
 are kept in raw logit units; an element's one exponent is ``sf - c`` with
 ``sf = (raw - f_s) * scale2`` and ``c`` the slot's max in the same units.
 
-The state is kept per slot of a [BLOCK_V // 8, 8] tile and combined across
-slots once per row (``_common``). Block 0 and the partial last block are
-masked and guarded; the full blocks between them are neither, and a row
-that meets a -inf there (a NaN in some accumulator) is read again with the
-guards. Rows whose starts are not 16-byte aligned (V = 50257) are streamed on
-a grid shifted back to a 16-byte boundary (``ALIGN``, :func:`shift_plan`), so
-that the full blocks keep their 128-bit loads. Without a gate and with beta = 0
-(``TEACHER_BRIDGE``, reverse KL) the
-bridge is the teacher and no candidate is folded; a row where the student
-masks a token is read again to fold it over the joint support.
+The state is kept per slot of a [BLOCK_V // 16, 16] tile (``_common.tile2``:
+each thread holds 8 consecutive logits of each half of the block and keeps
+one slot over both, so a slot's sums are rescaled once per 16 logits) and
+combined across slots once per row. Block 0 and the partial last block are
+masked and guarded; the full blocks between them are neither (bfloat16 rows
+read as int32 pairs), and a row that meets a -inf there (a NaN in some
+accumulator) is read again with the guards. The table's ``FINITE`` column
+says which columns those unguarded blocks were, where they were finite.
+Rows whose starts are not 16-byte aligned (V = 50257) are streamed on a grid
+shifted back to a 16-byte boundary (``ALIGN``, :func:`shift_plan`), so that
+the full blocks keep their 128-bit loads. Without a gate and with beta = 0
+(``TEACHER_BRIDGE``, reverse KL) the bridge is the teacher and no candidate
+is folded; a row where the student masks a token is read again to fold it
+over the joint support.
 
 After the pass the gate picks the candidate, and the row's loss,
 statistics and backward state go to a small float32 table (``_rows``). A row
@@ -40,10 +44,13 @@ the loop is empty for every other row). So does a row whose student-weighted
 means land more than 16 (base-2 units) from the frame: it reads itself again
 centred on those means.
 
-Backward: a 2-D grid over (row, vocabulary block) that re-reads the logits and
-writes the gradient from the saved row state, the row's validity, token check
-and incoming gradient folded into one scalar (a masked row reads nothing). The
-gradient is not stored in forward: docs/design.md gives the byte counts behind that choice.
+Backward: a 2-D grid over (row, group of ``BLOCKS`` vocabulary blocks) that
+re-reads the logits and writes the gradient from the saved row state (loaded
+once per program), the row's validity, token check and incoming gradient
+folded into one scalar (a masked row reads nothing). Blocks inside the span
+the forward found finite are computed without per-element guards; the others
+keep them. The gradient is not stored in forward: docs/design.md gives the
+byte and instruction counts behind that choice.
 """
 
 from __future__ import annotations
@@ -54,11 +61,11 @@ import triton.language as tl
 
 from .._options import Divergence
 from ._common import (SLOT, any_nan, bridge, combine_bridge, combine_lse, fold_bridge, fold_lse,
-                      load_block, load_inside, load_span, row_offset, row_ptr, row_token,
-                      shifted_row, slot_ref, slot_state, tile)
+                      load_inside, load_inside2, load_span, load_span2, row_offset, row_ptr,
+                      row_token, shifted_row, slot_ref, slot_state, tile2)
 from ._layout import RowLayout, row_layout
-from ._table import (A, B, DELTA, ENTROPY, FINITE, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S, LOGITS_K,
-                     LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
+from ._table import (A, B, DELTA, ENTROPY, FINITE, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S,
+                     LOGITS_K, LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
 
 LOG2E = 1.4426950408889634
 # DIVERGENCE (a kernel's constexpr) is a Divergence value: these kernels implement reverse
@@ -117,8 +124,8 @@ def _fold(state, raw_s, raw_t, frame, coef, HAS_GATE: tl.constexpr, FKL: tl.cons
 
 @triton.jit
 def _empty_state(BLOCK_V: tl.constexpr):
-    neg = slot_state(BLOCK_V, float("-inf"))
-    zero = slot_state(BLOCK_V, 0.0)
+    neg = slot_state(BLOCK_V // 2, float("-inf"))  # (the slots of tile2)
+    zero = slot_state(BLOCK_V // 2, 0.0)
     return (neg, zero, zero, zero), (neg, zero), (neg, zero, zero, zero), (neg, zero, zero, zero)
 
 
@@ -126,12 +133,10 @@ def _empty_state(BLOCK_V: tl.constexpr):
 def _reread(state, s_row, t_row, n, V, s_stv, t_stv, frame, coef, HAS_GATE: tl.constexpr,
             FKL: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
     """Fold the row's first ``n`` columns (0 or all of them) with every guard."""
-    offs = tile(BLOCK_V)
     for start in range(0, n, BLOCK_V):
-        cols = start + offs
-        state = _fold(state, load_block(s_row, cols, s_stv, V, STRIDED_V),
-                      load_block(t_row, cols, t_stv, V, STRIDED_V), frame, coef, HAS_GATE,
-                      FKL, False, True)
+        state = _fold(state, load_span2(s_row, start, 0, V, s_stv, STRIDED_V, BLOCK_V),
+                      load_span2(t_row, start, 0, V, t_stv, STRIDED_V, BLOCK_V), frame, coef,
+                      HAS_GATE, FKL, False, True)
     return state
 
 
@@ -206,22 +211,22 @@ def _opd_fwd_kernel(
     # its column c' is the row's column c' - lead, where lead moves the row's start back to a
     # 16-byte boundary, so the unmasked full blocks keep their 128-bit loads. Block 0 masks
     # the lead columns, the last block the columns past the row (end = n_cols + lead).
-    offs = tile(BLOCK_V)
+    offs = tile2(BLOCK_V)
     if ALIGN:
         s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = s_off % SLOT
+        lead = (s_off % SLOT).to(tl.int32)  # (int32: the column arithmetic stays 32-bit)
         s_grid = shifted_row(S, s_off, lead, True)
         t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
         end = n_cols + lead
-        raw_s = load_span(s_grid, offs, lead, end, s_stv, STRIDED_V)
-        raw_t = load_span(t_grid, offs, lead, end, t_stv, STRIDED_V)
+        raw_s = load_span2(s_grid, 0, lead, end, s_stv, STRIDED_V, BLOCK_V)
+        raw_t = load_span2(t_grid, 0, lead, end, t_stv, STRIDED_V, BLOCK_V)
         inside = (offs >= lead) & (offs < end)
     else:
         s_grid = s_row
         t_grid = t_row
         end = n_cols
-        raw_s = load_block(s_row, offs, s_stv, n_cols, STRIDED_V)
-        raw_t = load_block(t_row, offs, t_stv, n_cols, STRIDED_V)
+        raw_s = load_span2(s_row, 0, 0, n_cols, s_stv, STRIDED_V, BLOCK_V)
+        raw_t = load_span2(t_row, 0, 0, n_cols, t_stv, STRIDED_V, BLOCK_V)
         inside = offs < n_cols
     s_j = tl.max(tl.max(raw_s, 1), 0)
     j = tl.min(tl.min(tl.where(raw_s == s_j, offs, BLOCK_V), 1), 0)  # first best column
@@ -242,15 +247,14 @@ def _opd_fwd_kernel(
     hole = tl.sum(tl.sum(((raw_s == NEG_INF_) & inside).to(tl.int32), 1), 0)
     n_full = (end // BLOCK_V) * BLOCK_V
     for start in range(BLOCK_V, n_full, BLOCK_V):
-        cols = start + offs
-        state = _fold(state, load_inside(s_grid, start, cols, s_stv, STRIDED_V, S_PAIRS, BLOCK_V),
-                      load_inside(t_grid, start, cols, t_stv, STRIDED_V, T_PAIRS, BLOCK_V),
+        state = _fold(state, load_inside2(s_grid, start, s_stv, STRIDED_V, S_PAIRS, BLOCK_V),
+                      load_inside2(t_grid, start, t_stv, STRIDED_V, T_PAIRS, BLOCK_V),
                       frame, coef, HAS_GATE, FKL, SKIP, False)
     for start in range(tl.maximum(n_full, BLOCK_V), end, BLOCK_V):  # at most once
         cols = start + offs  # (past block 0: every column of the grid is past the lead)
-        raw_s = load_block(s_grid, cols, s_stv, end, STRIDED_V)
-        state = _fold(state, raw_s, load_block(t_grid, cols, t_stv, end, STRIDED_V), frame,
-                      coef, HAS_GATE, FKL, SKIP, True)
+        raw_s = load_span2(s_grid, start, 0, end, s_stv, STRIDED_V, BLOCK_V)
+        state = _fold(state, raw_s, load_span2(t_grid, start, 0, end, t_stv, STRIDED_V,
+                                               BLOCK_V), frame, coef, HAS_GATE, FKL, SKIP, True)
         hole += tl.sum(tl.sum(((raw_s == NEG_INF_) & (cols < end)).to(tl.int32), 1), 0)
 
     # An unguarded block that met a -inf (or NaN) logit left a NaN: such a row is read again
@@ -327,12 +331,10 @@ def _opd_fwd_kernel(
     as_c = tl.where(g < 0.0, as1, as0)
     if HAS_GATE:
         need = (g == 0.0) & (sig != 0.0)
-        q2 = (slot_state(BLOCK_V, float("-inf")), slot_state(BLOCK_V, 0.0),
-              slot_state(BLOCK_V, 0.0), slot_state(BLOCK_V, 0.0))
+        q2 = _empty_state(BLOCK_V)[2]
         for start in range(0, tl.where(need, n_cols, 0), BLOCK_V):
-            cols = start + offs
-            raw_s = load_block(s_row, cols, s_stv, V, STRIDED_V)
-            raw_t = load_block(t_row, cols, t_stv, V, STRIDED_V)
+            raw_s = load_span2(s_row, start, 0, V, s_stv, STRIDED_V, BLOCK_V)
+            raw_t = load_span2(t_row, start, 0, V, t_stv, STRIDED_V, BLOCK_V)
             sf = (raw_s - f_s) * scale2
             x2 = bridge((raw_t - f_t) * tscale2, sf, a_c, b_c,
                         (raw_s != NEG_INF_) & (raw_t != NEG_INF_))
@@ -470,7 +472,7 @@ def _opd_bwd_kernel(
         # start back to a 16-byte boundary): a block inside the row loads and stores
         # unmasked, 128-bit where the teacher's and the gradient's rows share the shift
         s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = s_off % SLOT
+        lead = (s_off % SLOT).to(tl.int32)  # (int32: the column arithmetic stays 32-bit)
         s_grid = shifted_row(S, s_off, lead, True)
         t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
         g_grid = shifted_row(DS, row * V, lead, G_SAME)
@@ -515,8 +517,8 @@ def _opd_bwd_kernel(
 
 FWD_BLOCK_V = 4096
 FWD_WARPS = 8
-MIN_BLOCK_V = 2 * SLOT.value  # the forward's tile holds at least two slots
-BWD_BLOCK_V = 4096
+MIN_BLOCK_V = 2 * SLOT.value  # a forward block: two slots of tile (sampled, parallel), one of tile2
+BWD_BLOCK_V = 8192
 BWD_WARPS = 8
 BWD_BLOCKS = 4  # blocks per backward program
 

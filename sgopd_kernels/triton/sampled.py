@@ -71,7 +71,7 @@ def _sampled_fwd_kernel(
     st = empty
     if ALIGN:
         s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = s_off % SLOT
+        lead = (s_off % SLOT).to(tl.int32)  # (int32: the column arithmetic stays 32-bit)
         grid = shifted_row(S, s_off, lead, True)
         end = n_cols + lead
         first = BLOCK_V
@@ -162,7 +162,7 @@ def _sampled_bwd_kernel(
     lz_s = tl.load(st + S_LOG2Z)
     if ALIGN:  # the forward's shifted grid; a block inside the row is unmasked
         s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = s_off % SLOT
+        lead = (s_off % SLOT).to(tl.int32)  # (int32: the column arithmetic stays 32-bit)
         grid = shifted_row(S, s_off, lead, True)
         g_grid = shifted_row(DS, row * V, lead, G_SAME)
     else:
