@@ -216,7 +216,7 @@ class Scenario:
     vocab: int = V_MODEL
 
 
-def _gated_call(dt, layout, vocab, vocab_t, gate, div, parallel=False):
+def _gated_call(dt, layout, vocab, vocab_t, gate, div, parallel=False, beta=0.1):
     import sgopd_kernels as sk
 
     def call():
@@ -227,7 +227,7 @@ def _gated_call(dt, layout, vocab, vocab_t, gate, div, parallel=False):
         lead = s.shape[:-1]
         tok = torch.randint(0, vocab, lead, generator=g)
         ver = (torch.arange(lead[0]) % 2 == 0) if gate else None
-        loss = sk.gated_opd_loss(s, t, tok, ver, divergence=div, beta=0.1, backend="triton",
+        loss = sk.gated_opd_loss(s, t, tok, ver, divergence=div, beta=beta, backend="triton",
                                  process_group=group)
         loss.backward()
     return call
@@ -277,9 +277,11 @@ def one_rank_group():
     return dist.group.WORLD
 
 
-# the throughput model's scenarios: bf16, contiguous rows of V_MODEL (a shard of V_MODEL / SHARDS)
+# the throughput model's scenarios: bf16, contiguous rows of V_MODEL (a shard of V_MODEL / SHARDS),
+# beta = 0.1 unless the name says beta=0
 MODEL = {"logits bf16 rows gate=0 reverse_kl", "logits bf16 rows gate=1 reverse_kl",
-         "logits bf16 rows gate=0 forward_kl", "logits bf16 rows gate=1 forward_kl",
+         "logits bf16 rows gate=0 beta=0 reverse_kl", "logits bf16 rows gate=0 forward_kl",
+         "logits bf16 rows gate=1 forward_kl",
          "sampled bf16 rows gate=0", "sampled bf16 rows gate=1",
          "parallel logits bf16 rows gate=1 reverse_kl",
          "topk bf16 rows k=20 gate=1 ttl=1 reverse_kl"}
@@ -310,6 +312,9 @@ def scenarios():
             for gate, div in combos:
                 add(f"logits {dt} {name} gate={int(gate)} {div}",
                     _gated_call(dt, lay(name), v, vt, gate, div), v)
+            if name == "rows" and dt == "bf16":  # plain reverse KL: the bridge is the teacher
+                add(f"logits {dt} {name} gate=0 beta=0 reverse_kl",
+                    _gated_call(dt, "rows", v, vt, False, "reverse_kl", beta=0.0), v)
             for gate in ((False, True) if full else (True,)):
                 if full or dt == "bf16":
                     add(f"sampled {dt} {name} gate={int(gate)}",
