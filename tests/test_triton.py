@@ -308,6 +308,48 @@ def test_infinite_loss_rows_keep_the_guards_in_backward(small_blocks):
     assert_grad_close(g[[0, 2]], g_want[[0, 2]], torch.float32)
 
 
+@pytest.mark.parametrize("case", ["teacher_min", "student_min", "both_gate", "huge_grad"])
+def test_huge_finite_masks_keep_a_zero_gradient(case, small_blocks):
+    """A mask of -3e38 (finfo.min) is finite, and at temperatures above log2(e) so is its
+    scaled logit, so the forward's unguarded blocks accept it; reverse KL's gradient there
+    is p (A d_s + B d_t + C) with p = 0 and a coefficient times -3e38 that overflows. The
+    forward hands such a row to the backward's guards (its logits are not within TAME of
+    the frame), so the entry's gradient stays exactly 0 (0 * inf would be NaN). So does a
+    row whose incoming gradient is so large (1e36) that its coefficients times an ordinary
+    logit overflow (the backward's own check of its coefficients)."""
+    s, t, y = _rand((3,), 300, seed=11)  # blocks of 64: columns 64..255 unguarded in forward
+    fmin = torch.finfo(torch.float32).min
+    kw = dict(reduction="sum")
+    scale, ver = 1.0, None
+    if case == "teacher_min":
+        t[:, 150] = fmin
+        s[:, 150] = -1000.0
+        kw.update(temperature=0.6, teacher_temperature=1.5)
+    elif case == "student_min":
+        s[:, 150] = fmin
+        kw.update(temperature=2.0)
+        scale = 10.0
+    elif case == "both_gate":
+        s[:, 150] = fmin
+        t[:, 150] = fmin
+        kw.update(temperature=2.0, beta=0.1)
+        ver = torch.tensor([True, False, True])
+        scale = 10.0
+    else:
+        s[:, 150] = -1000.0
+        scale = 1e36
+    x = s.to(DEV).requires_grad_(True)
+    loss = sk.gated_opd_loss(x, t.to(DEV), y.to(DEV), None if ver is None else ver.to(DEV),
+                             backend="triton", **kw)
+    (g,) = torch.autograd.grad(loss * scale, x)
+    g = g.cpu()
+    assert torch.isfinite(g).all() and (g[:, 150] == 0.0).all()
+    want, _, g_want = oracle_opd(s, t, y, ver, grad_out=torch.tensor(scale, dtype=torch.float64),
+                                 **kw)
+    assert_loss_close(loss.detach().cpu(), want)
+    assert_grad_close(g, g_want, torch.float32)
+
+
 @pytest.mark.parametrize("fwd_block,bwd_block", [(64, 16), (16, 64), (64, 4096)])
 def test_backward_with_other_blocks_than_forward(fwd_block, bwd_block, monkeypatch):
     """The forward writes which columns it read unguarded (block size and lead) and the

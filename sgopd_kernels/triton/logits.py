@@ -68,6 +68,9 @@ from ._table import (A, B, DELTA, ENTROPY, FINITE, FRAME_S, FRAME_T, GATE, LOG2Z
                      LOGITS_K, LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
 
 LOG2E = 1.4426950408889634
+# reverse KL: the largest distance of a logit from the frame in the forward's unguarded span
+# for the backward to drop its guards there (2^64 raw units)
+TAME = tl.constexpr(1.8446744073709552e19)
 # DIVERGENCE (a kernel's constexpr) is a Divergence value: these kernels implement reverse
 # KL (RKL) and forward KL
 RKL = tl.constexpr(int(Divergence.REVERSE_KL))
@@ -246,10 +249,15 @@ def _opd_fwd_kernel(
     state = _fold(_empty_state(BLOCK_V), raw_s, raw_t, frame, coef, HAS_GATE, FKL, SKIP, True)
     hole = tl.sum(tl.sum(((raw_s == NEG_INF_) & inside).to(tl.int32), 1), 0)
     n_full = (end // BLOCK_V) * BLOCK_V
+    lo_s = slot_state(BLOCK_V // 2, float("inf"))  # reverse KL: the blocks' raw minima
+    lo_t = slot_state(BLOCK_V // 2, float("inf"))
     for start in range(BLOCK_V, n_full, BLOCK_V):
-        state = _fold(state, load_inside2(s_grid, start, s_stv, STRIDED_V, S_PAIRS, BLOCK_V),
-                      load_inside2(t_grid, start, t_stv, STRIDED_V, T_PAIRS, BLOCK_V),
-                      frame, coef, HAS_GATE, FKL, SKIP, False)
+        raw_s = load_inside2(s_grid, start, s_stv, STRIDED_V, S_PAIRS, BLOCK_V)
+        raw_t = load_inside2(t_grid, start, t_stv, STRIDED_V, T_PAIRS, BLOCK_V)
+        state = _fold(state, raw_s, raw_t, frame, coef, HAS_GATE, FKL, SKIP, False)
+        if not FKL:
+            lo_s = tl.minimum(lo_s, tl.min(raw_s, 1))
+            lo_t = tl.minimum(lo_t, tl.min(raw_t, 1))
     for start in range(tl.maximum(n_full, BLOCK_V), end, BLOCK_V):  # at most once
         cols = start + offs  # (past block 0: every column of the grid is past the lead)
         raw_s = load_span2(s_grid, start, 0, end, s_stv, STRIDED_V, BLOCK_V)
@@ -383,25 +391,52 @@ def _opd_fwd_kernel(
     else:
         code = BLOCK_V * SLOT
     finite = valid & ~redo & (tl.abs(loss) < float("inf"))
+    if not FKL:
+        # Reverse KL's unguarded gradient p (A d_s + B d_t + C) must not overflow where p is 0:
+        # the span's logits lie within TAME of the frame (a mask of -3e38 is finite, but not
+        # that), and the backward checks its coefficients (_tame).
+        span = tl.maximum(tl.maximum(f_s - tl.min(lo_s, 0), r_s - f_s),
+                          tl.maximum(f_t - tl.min(lo_t, 0), r_t - f_t))
+        finite = finite & (span <= TAME)
     tl.store(out + FINITE, tl.where(finite, code.to(tl.float32), 0.0))
+
+
+@triton.jit
+def _rkl_coefficients(rs):
+    """Reverse KL's gradient p (A d_s + B d_t + C), d = raw - frame: with d_s scale2 + off_s
+    = lp_S, k (u - E_p[u]) is affine in (d_s, d_t), k = factor ln 2 (the row's scalar)
+    folded into A, B, C."""
+    f_s, f_t, r_s, lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2, factor = rs
+    k = factor * 0.6931471805599453
+    kb = k * (1.0 - b)
+    ka = k * a
+    return kb * scale2, -ka * tscale2, ka * mean_t - kb * mean_s
+
+
+@triton.jit
+def _tame(rs):
+    """Whether reverse KL's coefficients times logits within TAME of the frame stay finite
+    (|A|, |B| <= 2^60, |C| <= 2^100: every term of p (A d_s + B d_t + C) is below 2^125).
+    False for a NaN scalar (a bad token id), which the guarded form turns into NaN."""
+    c_a, c_b, c_c = _rkl_coefficients(rs)
+    return ((tl.abs(c_a) <= 1.152921504606847e18) & (tl.abs(c_b) <= 1.152921504606847e18)
+            & (tl.abs(c_c) <= 1.2676506002282294e30))
 
 
 @triton.jit
 def _grad_block(raw_s, raw_t, rs, DIVERGENCE: tl.constexpr, GUARD: tl.constexpr):
     """d loss / d z_S of one block from the row's saved state ``rs``; its ``factor`` is the
     row's scalar (its incoming gradient, validity and token check) over the temperature.
-    Without ``GUARD`` (a row whose logits are all finite) no element is sanitized."""
+    Without ``GUARD`` (blocks inside the span the forward found finite and, for reverse KL,
+    tame) no element is sanitized."""
     f_s, f_t, r_s, lz_s, mean_s, mean_t, a, b, m_c, lz_c, scale2, tscale2, factor = rs
     if DIVERGENCE == RKL:  # p (u - E_p[u]), u = (1-b) lp_S - a lp_T, centred on the frame
-        # with d = raw - frame: lp_S = d_s scale2 + off_s, and k (u - E_p[u]) is affine in
-        # (d_s, d_t), k = factor ln 2 (the row's scalar) folded into its coefficients
         d_s = raw_s - f_s
         d_t = raw_t - f_t
         p = tl.exp2(tl.fma(d_s, scale2, -((r_s - f_s) * scale2 + lz_s)))
+        c_a, c_b, c_c = _rkl_coefficients(rs)
+        w = tl.fma(c_a, d_s, tl.fma(c_b, d_t, c_c))
         k = factor * 0.6931471805599453
-        kb = k * (1.0 - b)
-        ka = k * a
-        w = tl.fma(kb * scale2, d_s, tl.fma(-ka * tscale2, d_t, ka * mean_t - kb * mean_s))
         if GUARD:  # (k * 0: NaN for a bad token id, as p * w)
             gv = tl.where(p == 0.0, k * 0.0, p * w)
         else:
@@ -464,6 +499,8 @@ def _opd_bwd_kernel(
     # the columns [c0, c1) of the row that the forward read unguarded and found finite
     # (none where its table says 0; see the forward's FINITE)
     code = tl.load(st + FINITE).to(tl.int32)
+    if DIVERGENCE == RKL:
+        code = tl.where(_tame(rs), code, 0)
     b_f = code // SLOT
     c0 = b_f - code % SLOT
     c1 = tl.where(code > 0, ((V + code % SLOT) // tl.maximum(b_f, 1)) * b_f - code % SLOT, 0)
