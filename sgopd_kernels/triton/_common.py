@@ -16,7 +16,10 @@ Every fold comes in two forms, chosen by the constexpr ``GUARD``:
 - ``GUARD=False`` does no sanitation. On finite logits it gives the same
   values; a -inf logit (or a slot that is -inf throughout) turns some
   accumulator into NaN, which the kernel detects once per row
-  (:func:`any_nan`) to read that row again with ``GUARD=True``.
+  (:func:`any_nan`) to read that row again with ``GUARD=True``. The one
+  exception is a teacher's -inf where the student has mass: a -inf sum and
+  an infinite loss, which are the right values (the logits forward also
+  tells its backward so, in the table's ``FINITE``).
 
 Blocks inside the row of contiguous bfloat16 rows whose grid starts are
 4-byte aligned are read as int32 pairs (:func:`load_pairs`): two float32 out
