@@ -43,6 +43,12 @@ def row_ptr(X, row, d1, st0, st1):
 
 
 @triton.jit
+def put(out, col, valid, x):
+    """Column ``col`` of a row's table entry ``out``: ``x`` where the row is valid, else 0."""
+    tl.store(out + col, tl.where(valid, x, 0.0))
+
+
+@triton.jit
 def row_offset(row, d1, st0, st1):
     """The element offset of row ``row``'s first element (see :func:`row_ptr`)."""
     return (row // d1) * st0 + (row % d1) * st1

@@ -61,8 +61,8 @@ import triton.language as tl
 
 from .._options import Divergence
 from ._common import (SLOT, any_nan, bridge, combine_bridge, combine_lse, fold_bridge, fold_lse,
-                      load_inside, load_inside2, load_span, load_span2, row_offset, row_ptr,
-                      row_token, shifted_row, slot_ref, slot_state, tile2)
+                      load_inside, load_inside2, load_span, load_span2, put, row_offset,
+                      row_ptr, row_token, shifted_row, slot_ref, slot_state, tile2)
 from ._layout import RowLayout, row_layout
 from ._table import (A, B, DELTA, ENTROPY, FINITE, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S,
                      LOGITS_K, LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
@@ -366,22 +366,22 @@ def _opd_fwd_kernel(
     loss = tl.where(y_ok, loss2 * LN2_, float("nan"))
 
     out = OUT + row * LOGITS_K
-    tl.store(out + LOSS, tl.where(valid, loss, 0.0))
-    tl.store(out + DELTA, tl.where(valid, delta2 * LN2_, 0.0))
-    tl.store(out + GATE, tl.where(valid, g, 0.0))
-    tl.store(out + TEACHER_KL, tl.where(valid, (elp_s - elp_t) * LN2_, 0.0))
-    tl.store(out + ENTROPY, tl.where(valid, -elp_s * LN2_, 0.0))
-    tl.store(out + A, tl.where(valid, a_c, 0.0))
-    tl.store(out + B, tl.where(valid, b_c, 0.0))
+    put(out, LOSS, valid, loss)
+    put(out, DELTA, valid, delta2 * LN2_)
+    put(out, GATE, valid, g)
+    put(out, TEACHER_KL, valid, (elp_s - elp_t) * LN2_)
+    put(out, ENTROPY, valid, -elp_s * LN2_)
+    put(out, A, valid, a_c)
+    put(out, B, valid, b_c)
     # backward state (this backend's columns, triton/_table.py)
-    tl.store(out + REF_S, tl.where(valid, r_s, 0.0))
-    tl.store(out + LOG2Z_S, tl.where(valid, lz_s, 0.0))
-    tl.store(out + FRAME_S, tl.where(valid, f_s, 0.0))
-    tl.store(out + FRAME_T, tl.where(valid, f_t, 0.0))
-    tl.store(out + MEAN_S, tl.where(valid, mean_s, 0.0))
-    tl.store(out + MEAN_T, tl.where(valid, mean_t, 0.0))
-    tl.store(out + MAX_Q, tl.where(valid, m_c, 0.0))
-    tl.store(out + LOG2Z_Q, tl.where(valid, lz_c, 0.0))
+    put(out, REF_S, valid, r_s)
+    put(out, LOG2Z_S, valid, lz_s)
+    put(out, FRAME_S, valid, f_s)
+    put(out, FRAME_T, valid, f_t)
+    put(out, MEAN_S, valid, mean_s)
+    put(out, MEAN_T, valid, mean_t)
+    put(out, MAX_Q, valid, m_c)
+    put(out, LOG2Z_Q, valid, lz_c)
     # The unguarded full blocks met no -inf, +inf or NaN in either model if none left a NaN
     # (no re-read) and the loss is finite (a teacher's -inf where the student has mass is a
     # -inf sum, and an infinite loss): the backward then drops its guards there. Written as
@@ -398,7 +398,7 @@ def _opd_fwd_kernel(
         span = tl.maximum(tl.maximum(f_s - tl.min(lo_s, 0), r_s - f_s),
                           tl.maximum(f_t - tl.min(lo_t, 0), r_t - f_t))
         finite = finite & (span <= TAME)
-    tl.store(out + FINITE, tl.where(finite, code.to(tl.float32), 0.0))
+    put(out, FINITE, finite, code.to(tl.float32))
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._layout import row_layout
 from ._table import ADV, DELTA, ENTROPY, GATE, LOSS, S_LOG2Z, S_REF, SAMPLED_K, TEACHER_KL
-from ._common import (SLOT, any_nan, load_block, load_inside, load_span, row_offset,
+from ._common import (SLOT, any_nan, load_block, load_inside, load_span, put, row_offset,
                       row_ptr, row_token, shifted_row, slot_state, tile)
 from .logits import LOG2E, MIN_BLOCK_V, bwd_programs, pairs_plan, shift_plan
 
@@ -123,15 +123,15 @@ def _sampled_fwd_kernel(
     loss = tl.where(y_ok, loss, float("nan"))
 
     out = OUT + row * SAMPLED_K
-    tl.store(out + LOSS, tl.where(valid, loss, 0.0))
-    tl.store(out + DELTA, tl.where(valid, delta, 0.0))
-    tl.store(out + GATE, tl.where(valid, g, 0.0))
-    tl.store(out + TEACHER_KL, tl.where(valid, -delta, 0.0))
+    put(out, LOSS, valid, loss)
+    put(out, DELTA, valid, delta)
+    put(out, GATE, valid, g)
+    put(out, TEACHER_KL, valid, -delta)
     entropy = tl.where(z_s == 0.0, 0.0, (lz_s - acc_ss / z_s) * LN2)
-    tl.store(out + ENTROPY, tl.where(valid, entropy, 0.0))
-    tl.store(out + ADV, tl.where(valid, adv, 0.0))
-    tl.store(out + S_REF, tl.where(valid, r_s, 0.0))
-    tl.store(out + S_LOG2Z, tl.where(valid, lz_s, 0.0))
+    put(out, ENTROPY, valid, entropy)
+    put(out, ADV, valid, adv)
+    put(out, S_REF, valid, r_s)
+    put(out, S_LOG2Z, valid, lz_s)
 
 
 @triton.jit

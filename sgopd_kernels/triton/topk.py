@@ -54,7 +54,7 @@ from ..parallel import all_reduce, shard_start
 from ._layout import row_layout
 from ._table import (A, B, DELTA, ENTROPY, GATE, K_G_MEAN, K_LOG2Z, K_LOG_ZQ, K_REF,
                      K_TAIL_COEF, K_TAIL_LOG2, LOSS, TEACHER_KL, TOPK_K)
-from ._common import load_block, online, row_ptr, row_token
+from ._common import load_block, online, put, row_ptr, row_token
 from .logits import LOG2E
 
 RKL = tl.constexpr(int(Divergence.REVERSE_KL))
@@ -223,11 +223,11 @@ def _topk_stream_kernel(
         STRIDED_V, BLOCK_V), lt2)
 
     out = ST + row * STREAM_K
-    tl.store(out + ST_REF, tl.where(valid, r, 0.0))
-    tl.store(out + ST_S, tl.where(valid, total.to(tl.float32), 0.0))
+    put(out, ST_REF, valid, r)
+    put(out, ST_S, valid, total.to(tl.float32))
     tl.store(out + ST_LT2, tl.where(valid, lt2, NEG_INF))
-    tl.store(out + ST_HELD, tl.where(valid, held.to(tl.float32), 0.0))
-    tl.store(out + ST_ENT, tl.where(valid, tl.sum(ent, 0), 0.0))
+    put(out, ST_HELD, valid, held.to(tl.float32))
+    put(out, ST_ENT, valid, tl.sum(ent, 0))
     tl.store(out + ST_ZY, tl.where(own_y, z_y, 0.0))
     tl.store(ZK + row * K + lanes, tl.where(own, z_k, 0.0), mask=in_k)
 
@@ -426,19 +426,19 @@ def _topk_rows_kernel(
     entropy = tl.where(s_tot == 0.0, 0.0, (lz - ent / s_tot) * LN2)
 
     out = OUT + row * TOPK_K
-    tl.store(out + LOSS, tl.where(valid, loss, 0.0))
-    tl.store(out + DELTA, tl.where(valid, delta, 0.0))
-    tl.store(out + GATE, tl.where(valid, g, 0.0))
-    tl.store(out + TEACHER_KL, tl.where(valid, teacher_kl, 0.0))
-    tl.store(out + ENTROPY, tl.where(valid, entropy, 0.0))
-    tl.store(out + A, tl.where(valid, a, 0.0))
-    tl.store(out + B, tl.where(valid, b, 0.0))
-    tl.store(out + K_REF, tl.where(valid, r, 0.0))
-    tl.store(out + K_LOG2Z, tl.where(valid, lz, 0.0))
-    tl.store(out + K_TAIL_COEF, tl.where(valid, alpha.to(tl.float32), 0.0))
-    tl.store(out + K_TAIL_LOG2, tl.where(valid, alpha_l2.to(tl.float32), 0.0))
-    tl.store(out + K_G_MEAN, tl.where(valid, g_mean, 0.0))
-    tl.store(out + K_LOG_ZQ, tl.where(valid, lzq, 0.0))
+    put(out, LOSS, valid, loss)
+    put(out, DELTA, valid, delta)
+    put(out, GATE, valid, g)
+    put(out, TEACHER_KL, valid, teacher_kl)
+    put(out, ENTROPY, valid, entropy)
+    put(out, A, valid, a)
+    put(out, B, valid, b)
+    put(out, K_REF, valid, r)
+    put(out, K_LOG2Z, valid, lz)
+    put(out, K_TAIL_COEF, valid, alpha.to(tl.float32))
+    put(out, K_TAIL_LOG2, valid, alpha_l2.to(tl.float32))
+    put(out, K_G_MEAN, valid, g_mean)
+    put(out, K_LOG_ZQ, valid, lzq)
 
 
 @triton.jit
