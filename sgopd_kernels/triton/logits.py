@@ -631,17 +631,16 @@ def opd_rows(student, teacher, tokens, sign, opts, *, block_v=None, num_warps=No
     if n == 0:
         return out
     sig = sign if sign is not None else tokens  # unused pointer when there is no gate
-    block = max(MIN_BLOCK_V, block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab)))
-    plan = _fwd_plan(ls, lt, vocab)
+    block = fwd_block(vocab, block_v, FWD_BLOCK_V)
+    _, plan = stream_plan(_opd_fwd_kernel, ls, lt, vocab, block, backward=False)
     _opd_fwd_kernel[(n,)](
         ls.tensor, lt.tensor, tokens, sig, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / opts.temperature, LOG2E / opts.teacher_temperature, float(opts.beta),
         float(opts.lam_pos), float(opts.lam_neg), int(opts.ignore_index),
         HAS_GATE=sign is not None, DIVERGENCE=_divergence(opts),
-        STRIDED_V=(ls.stv != 1 or lt.stv != 1), BLOCK_V=block,
         TEACHER_BRIDGE=(sign is None and float(opts.beta) == 0.0),
-        num_warps=num_warps or FWD_WARPS, **plan, **pairs_plan(ls, lt, plan["ALIGN"], block),
+        num_warps=num_warps or FWD_WARPS, **plan,
     )
     return out
 
@@ -666,6 +665,32 @@ def bwd_programs(vocab: int, block: int, align: bool) -> tuple:
     return triton.cdiv(blocks, per), per
 
 
+def fwd_block(vocab: int, block_v, default: int) -> int:
+    """A forward's block: ``block_v`` if given, else the default or the vocabulary rounded up
+    to a power of 2 if smaller, never under MIN_BLOCK_V."""
+    return max(MIN_BLOCK_V, block_v or min(default, triton.next_power_of_2(vocab)))
+
+
+def stream_plan(kernel, ls, lt, vocab: int, block: int, backward: bool) -> tuple:
+    """One launch of a kernel that streams rows in blocks (logits and sampled, forward and
+    backward): (programs per row, the layout constexprs ``kernel`` takes). ``lt`` is the
+    teacher's layout, or None where the student is read alone. The constexprs: STRIDED_V,
+    BLOCK_V, the shifted grid (ALIGN, and the teacher's and the gradient's rows joining it:
+    :func:`shift_plan`, in forward :func:`_fwd_plan`), the int32 pairs (:func:`pairs_plan`)
+    and, in backward, the blocks per program (:func:`bwd_programs`)."""
+    lt = ls if lt is None else lt
+    plan = shift_plan(ls, lt, vocab) if backward else _fwd_plan(ls, lt, vocab)
+    plan.update(pairs_plan(ls, lt, plan["ALIGN"], block), BLOCK_V=block,
+                STRIDED_V=ls.stv != 1 or lt.stv != 1)
+    programs = 1
+    if backward:
+        programs, plan["BLOCKS"] = bwd_programs(vocab, block, plan["ALIGN"])
+    names = set(kernel.arg_names)
+    need = {"STRIDED_V", "BLOCK_V", "ALIGN", "S_PAIRS"} | ({"BLOCKS"} if backward else set())
+    assert need <= names, (kernel, need - names)
+    return programs, {k: v for k, v in plan.items() if k in names}
+
+
 def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts, *, block_v=None,
                       num_warps=None, local_tokens=True):
     """Backward: d loss / d student logits, contiguous, the student's dtype and shape.
@@ -681,15 +706,12 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts, *, block_
     if n == 0 or vocab == 0:
         return grad
     block = block_v or min(BWD_BLOCK_V, triton.next_power_of_2(vocab))
-    plan = shift_plan(ls, lt, vocab)
-    programs, per = bwd_programs(vocab, block, plan["ALIGN"])
+    programs, plan = stream_plan(_opd_bwd_kernel, ls, lt, vocab, block, backward=True)
     _opd_bwd_kernel[(n, programs)](
         ls.tensor, lt.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
         LOG2E / opts.temperature, LOG2E / opts.teacher_temperature, 1.0 / opts.temperature,
-        int(opts.ignore_index), DIVERGENCE=_divergence(opts),
-        STRIDED_V=(ls.stv != 1 or lt.stv != 1),
-        BLOCK_V=block, LOCAL_TOKENS=bool(local_tokens), BLOCKS=per,
-        num_warps=num_warps or BWD_WARPS, **plan, **pairs_plan(ls, lt, plan["ALIGN"], block),
+        int(opts.ignore_index), DIVERGENCE=_divergence(opts), LOCAL_TOKENS=bool(local_tokens),
+        num_warps=num_warps or BWD_WARPS, **plan,
     )
     return grad

@@ -47,7 +47,7 @@ from ._table import (A, B, FRAME_S, FRAME_T, LOG2Z_Q, LOG2Z_S, LOGITS_K, MAX_Q, 
                      REF_S)
 from ._common import (any_nan, bridge, combine_bridge, fold_bridge, load_block, load_full,
                       row_ptr, row_token, slot_state, tile)
-from .logits import LOG2E, MIN_BLOCK_V, _divergence, opd_rows_backward
+from .logits import LOG2E, _divergence, fwd_block, opd_rows_backward
 
 # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, and the largest t among the
 # shard's maximal s
@@ -241,7 +241,7 @@ def _launch(kernel, s, t, tokens, extra, k, opts, **const):
             ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
             LOG2E / opts.temperature, LOG2E / opts.teacher_temperature,
             int(opts.ignore_index), STRIDED_V=ls.stv != 1 or lt.stv != 1,
-            BLOCK_V=max(MIN_BLOCK_V, min(BLOCK_V, triton.next_power_of_2(vocab))), K=k,
+            BLOCK_V=fwd_block(vocab, None, BLOCK_V), K=k,
             num_warps=NUM_WARPS,
             **const)
     return out

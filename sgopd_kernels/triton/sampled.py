@@ -24,7 +24,7 @@ from ._layout import row_layout
 from ._table import ADV, DELTA, ENTROPY, GATE, LOSS, S_LOG2Z, S_REF, SAMPLED_K, TEACHER_KL
 from ._common import (SLOT, any_nan, load_block, load_inside, load_span, put, row_offset,
                       row_ptr, row_token, shifted_row, slot_state, tile)
-from .logits import LOG2E, MIN_BLOCK_V, bwd_programs, pairs_plan, shift_plan
+from .logits import LOG2E, fwd_block, stream_plan
 
 
 @triton.jit
@@ -206,14 +206,13 @@ def sampled_rows(student, teacher_logprobs, tokens, sign, opts, *, block_v=None)
     out = torch.empty(n, SAMPLED_K.value, dtype=torch.float32, device=student.device)
     if n == 0:
         return out
-    block = max(MIN_BLOCK_V, block_v or min(FWD_BLOCK_V, triton.next_power_of_2(vocab)))
-    align = shift_plan(ls, ls, vocab)["ALIGN"]
+    block = fwd_block(vocab, block_v, FWD_BLOCK_V)
+    _, plan = stream_plan(_sampled_fwd_kernel, ls, None, vocab, block, backward=False)
     _sampled_fwd_kernel[(n,)](
         ls.tensor, teacher_logprobs, tokens, sign if sign is not None else tokens, out,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,
         LOG2E / opts.temperature, float(opts.lam_pos), float(opts.lam_neg),
-        int(opts.ignore_index), HAS_GATE=sign is not None, STRIDED_V=ls.stv != 1, BLOCK_V=block,
-        num_warps=NUM_WARPS, ALIGN=align, S_PAIRS=pairs_plan(ls, ls, align, block)["S_PAIRS"],
+        int(opts.ignore_index), HAS_GATE=sign is not None, num_warps=NUM_WARPS, **plan,
     )
     return out
 
@@ -227,14 +226,11 @@ def sampled_rows_backward(grad_rows, student, teacher_logprobs, tokens, rows, op
     if n == 0 or vocab == 0:
         return grad
     block = block_v or min(BWD_BLOCK_V, triton.next_power_of_2(vocab))
-    plan = shift_plan(ls, ls, vocab)
-    programs, per = bwd_programs(vocab, block, plan["ALIGN"])
+    programs, plan = stream_plan(_sampled_bwd_kernel, ls, None, vocab, block, backward=True)
     _sampled_bwd_kernel[(n, programs)](
         ls.tensor, tokens, rows, grad_rows.float().contiguous(), grad,
         vocab, ls.d1, ls.st0, ls.st1, ls.stv,
         LOG2E / opts.temperature, 1.0 / opts.temperature, int(opts.ignore_index),
-        STRIDED_V=ls.stv != 1, BLOCK_V=block, BLOCKS=per, num_warps=NUM_WARPS,
-        ALIGN=plan["ALIGN"], G_SAME=plan["G_SAME"],
-        S_PAIRS=pairs_plan(ls, ls, plan["ALIGN"], block)["S_PAIRS"],
+        num_warps=NUM_WARPS, **plan,
     )
     return grad
