@@ -36,7 +36,8 @@ MEAN_T = tl.constexpr(_P + 5)     # E_{p_S}[(z_T - FRAME_T) tscale2]
 MAX_Q = tl.constexpr(_P + 6)      # max over the support of x = a tf + b sf
 LOG2Z_Q = tl.constexpr(_P + 7)    # log2 sum 2^(x - MAX_Q)
 FINITE = tl.constexpr(_P + 8)     # BLOCK_V SLOT + lead where the forward's unguarded full
-                                  # blocks were finite (logits.py), else 0
+                                  # blocks were finite (reverse KL: and within TAME of the
+                                  # frame; logits.py), else 0
 # private to the Triton backend, sampled family
 S_REF = tl.constexpr(R.PRIVATE["sampled"])   # the row max of the raw student logits
 S_LOG2Z = tl.constexpr(R.PRIVATE["sampled"] + 1)  # log2 sum 2^((z_S - S_REF) scale2)
