@@ -335,6 +335,10 @@ def scenarios():
             for div in ("reverse_kl", "forward_kl"):
                 add(f"parallel logits {dt} rows gate={int(gate)} {div}",
                     _gated_call(dt, "rows", vs, None, gate, div, parallel=True), vs)
+        if dt == "bf16":  # a shard of GPT-2's vocabulary: rows off a 16-byte boundary
+            vo = V_ODD // SHARDS
+            add(f"parallel logits {dt} gpt2 gate=1 reverse_kl",
+                _gated_call(dt, "rows", vo, None, True, "reverse_kl", parallel=True), vo)
         add(f"parallel topk {dt} rows k=20 gate=1 ttl=1 reverse_kl",
             _topk_call(dt, "rows", vs, 20, True, True, "reverse_kl", parallel=True), vs)
     return out

@@ -22,6 +22,8 @@ models' logits, with O(rows) all-reduces between them and after them
 
 Both keep their state per slot of a [BLOCK_V // 8, 8] tile and combine the
 slots once per row (``_common``), so a block costs no block-wide reduction.
+A shard whose rows start off a 16-byte boundary (``ALIGN``, ``logits._fwd_plan``)
+streams its full blocks on the grid shifted back to one (:func:`_grids`).
 
 The backward is the single-device backward kernel (``logits._opd_bwd_kernel``)
 on that table, without communication. :func:`opd_rows_parallel` combines the
@@ -45,9 +47,9 @@ from ..reference import gate_lambda, sampled_delta
 from ._layout import row_layout
 from ._table import (A, B, FRAME_S, FRAME_T, LOG2Z_Q, LOG2Z_S, LOGITS_K, MAX_Q, MEAN_S, MEAN_T,
                      REF_S)
-from ._common import (any_nan, bridge, combine_bridge, fold_bridge, load_block, load_full,
-                      row_ptr, row_token, slot_state, tile)
-from .logits import LOG2E, _divergence, fwd_block, opd_rows_backward
+from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, load_block, load_full,
+                      row_offset, row_ptr, row_token, shifted_row, slot_state, tile)
+from .logits import LOG2E, _divergence, _fwd_plan, fwd_block, opd_rows_backward
 
 # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, and the largest t among the
 # shard's maximal s
@@ -88,11 +90,34 @@ def _combine_max_sum(m, z, scale2):
 
 
 @triton.jit
+def _grids(S, T, row, s_row, t_row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1, n_cols,
+           ALIGN: tl.constexpr, T_SAME: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The grids the full blocks stream (s_grid, t_grid, lead, first): with ALIGN (a shard
+    whose rows start off a 16-byte boundary) the rows moved back by ``lead`` columns to one
+    (as in logits.py), so that the grid's full blocks keep 128-bit loads; block 0, masked,
+    covers the row's columns [0, first = BLOCK_V - lead). Without: the rows, lead 0 and
+    first 0 (block 0 is a full block)."""
+    if ALIGN:
+        s_off = row_offset(row, s_d1, s_st0, s_st1)
+        lead = (s_off % SLOT).to(tl.int32)
+        s_grid = shifted_row(S, s_off, lead, True)
+        t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
+        first = tl.minimum(n_cols, BLOCK_V - lead)
+    else:
+        lead = 0
+        s_grid = s_row
+        t_grid = t_row
+        first = 0
+    return s_grid, t_grid, lead, first
+
+
+@triton.jit
 def _tp_stats_kernel(
     S, T, TOK, OUT, V, start,
     s_d1, s_st0, s_st1, s_stv, t_d1, t_st0, t_st1, t_stv,
     scale2, tscale2, ignore_index,
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, K: tl.constexpr,
+    ALIGN: tl.constexpr = False, T_SAME: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
@@ -103,13 +128,19 @@ def _tp_stats_kernel(
     zero = slot_state(BLOCK_V, 0.0)
     st = (neg, zero, neg, zero, neg)
     offs = tile(BLOCK_V)
-    # the full blocks unmasked, then the partial last block masked (-inf past the shard)
-    n_full = (n_cols // BLOCK_V) * BLOCK_V
-    for lo in range(0, n_full, BLOCK_V):
+    s_grid, t_grid, lead, first = _grids(S, T, row, s_row, t_row, s_d1, s_st0, s_st1, t_d1,
+                                         t_st0, t_st1, n_cols, ALIGN, T_SAME, BLOCK_V)
+    if ALIGN:  # block 0 masked: the row's columns [0, first)
+        st = _stats_fold(st, load_block(s_row, offs, s_stv, first, STRIDED_V),
+                         load_block(t_row, offs, t_stv, first, STRIDED_V), scale2, tscale2)
+    # the full blocks of the grid unmasked, then the partial last block masked (-inf past
+    # the shard)
+    n_full = ((n_cols + lead) // BLOCK_V) * BLOCK_V
+    for lo in range(BLOCK_V if ALIGN else 0, n_full, BLOCK_V):
         cols = lo + offs
-        st = _stats_fold(st, load_full(s_row, cols, s_stv, STRIDED_V),
-                         load_full(t_row, cols, t_stv, STRIDED_V), scale2, tscale2)
-    for lo in range(n_full, n_cols, BLOCK_V):  # at most once
+        st = _stats_fold(st, load_full(s_grid, cols, s_stv, STRIDED_V),
+                         load_full(t_grid, cols, t_stv, STRIDED_V), scale2, tscale2)
+    for lo in range(tl.maximum(n_full - lead, first), n_cols, BLOCK_V):  # at most once
         cols = lo + offs
         st = _stats_fold(st, load_block(s_row, cols, s_stv, V, STRIDED_V),
                          load_block(t_row, cols, t_stv, V, STRIDED_V), scale2, tscale2)
@@ -159,12 +190,12 @@ def _bridge_fold(st, raw_s, raw_t, r_s, f_t, lz_s, coef, FKL: tl.constexpr,
 @triton.jit
 def _bridge_range(st, s_row, t_row, lo, hi, V, s_stv, t_stv, r_s, f_t, lz_s, coef,
                   FKL: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Fold the blocks of columns [lo, hi) masked and guarded."""
+    """Fold the row's columns [lo, hi) (hi <= V) in blocks from lo, masked and guarded."""
     offs = tile(BLOCK_V)
     for c0 in range(lo, hi, BLOCK_V):
         cols = c0 + offs
-        st = _bridge_fold(st, load_block(s_row, cols, s_stv, V, STRIDED_V),
-                          load_block(t_row, cols, t_stv, V, STRIDED_V), r_s, f_t, lz_s, coef,
+        st = _bridge_fold(st, load_block(s_row, cols, s_stv, hi, STRIDED_V),
+                          load_block(t_row, cols, t_stv, hi, STRIDED_V), r_s, f_t, lz_s, coef,
                           FKL, True)
     return st
 
@@ -175,6 +206,7 @@ def _tp_bridge_kernel(
     s_d1, s_st0, s_st1, s_stv, t_d1, t_st0, t_st1, t_stv,
     scale2, tscale2, ignore_index,
     STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, K: tl.constexpr, FKL: tl.constexpr,
+    ALIGN: tl.constexpr = False, T_SAME: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = row_ptr(S, row, s_d1, s_st0, s_st1)
@@ -191,18 +223,22 @@ def _tp_bridge_kernel(
     empty = (zero, zero, zero, (neg, zero, zero, zero))
     # block 0 and the partial last block masked and guarded, the full blocks between them
     # neither (opd_rows_parallel stores the frame FRAME_S = REF_S)
+    # (ALIGN: the full blocks on the grid of _grids, block 0 the row's columns [0, first))
     offs = tile(BLOCK_V)
-    first = tl.minimum(n_cols, BLOCK_V)
+    s_grid, t_grid, lead, first = _grids(S, T, row, s_row, t_row, s_d1, s_st0, s_st1, t_d1,
+                                         t_st0, t_st1, n_cols, ALIGN, T_SAME, BLOCK_V)
+    if not ALIGN:
+        first = tl.minimum(n_cols, BLOCK_V)
     st = _bridge_range(empty, s_row, t_row, 0, first, V, s_stv, t_stv, r_s, f_t, lz_s, coef,
                        FKL, STRIDED_V, BLOCK_V)
-    n_full = (n_cols // BLOCK_V) * BLOCK_V
+    n_full = ((n_cols + lead) // BLOCK_V) * BLOCK_V
     for lo in range(BLOCK_V, n_full, BLOCK_V):
         cols = lo + offs
-        st = _bridge_fold(st, load_full(s_row, cols, s_stv, STRIDED_V),
-                          load_full(t_row, cols, t_stv, STRIDED_V), r_s, f_t, lz_s, coef, FKL,
+        st = _bridge_fold(st, load_full(s_grid, cols, s_stv, STRIDED_V),
+                          load_full(t_grid, cols, t_stv, STRIDED_V), r_s, f_t, lz_s, coef, FKL,
                           False)
-    st = _bridge_range(st, s_row, t_row, tl.maximum(n_full, first), n_cols, V, s_stv, t_stv,
-                       r_s, f_t, lz_s, coef, FKL, STRIDED_V, BLOCK_V)
+    st = _bridge_range(st, s_row, t_row, tl.maximum(n_full - lead, first), n_cols, V, s_stv,
+                       t_stv, r_s, f_t, lz_s, coef, FKL, STRIDED_V, BLOCK_V)
     # an unguarded block that met a -inf (or NaN) logit left a NaN: read the row again guarded
     # (sum p tf may be -inf, where the teacher masks a token the student supports; no sum is
     # ever +inf, so the total is NaN exactly where one of them is)
@@ -242,7 +278,7 @@ def _launch(kernel, s, t, tokens, extra, k, opts, **const):
             LOG2E / opts.temperature, LOG2E / opts.teacher_temperature,
             int(opts.ignore_index), STRIDED_V=ls.stv != 1 or lt.stv != 1,
             BLOCK_V=fwd_block(vocab, None, BLOCK_V), K=k,
-            num_warps=NUM_WARPS,
+            num_warps=NUM_WARPS, **_fwd_plan(ls, lt, vocab),
             **const)
     return out
 
