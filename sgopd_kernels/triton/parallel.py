@@ -95,8 +95,8 @@ def _grids(S, T, row, s_row, t_row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1, n_co
     """The grids the full blocks stream (s_grid, t_grid, lead, first): with ALIGN (a shard
     whose rows start off a 16-byte boundary) the rows moved back by ``lead`` columns to one
     (as in logits.py), so that the grid's full blocks keep 128-bit loads; block 0, masked,
-    covers the row's columns [0, first = BLOCK_V - lead). Without: the rows, lead 0 and
-    first 0 (block 0 is a full block)."""
+    covers the row's columns [0, first = min(n_cols, BLOCK_V - lead)). Without: the rows,
+    lead 0 and first 0 (block 0 is a full block)."""
     if ALIGN:
         s_off = row_offset(row, s_d1, s_st0, s_st1)
         lead = (s_off % SLOT).to(tl.int32)
@@ -272,15 +272,26 @@ def _launch(kernel, s, t, tokens, extra, k, opts, **const):
     n = tokens.numel()
     out = torch.empty(n, k, dtype=torch.float32, device=s.device)
     if n:
+        plan = _fwd_plan(ls, lt, vocab)
         kernel[(n,)](
             ls.tensor, lt.tensor, tokens, *extra, out, vocab, *const.pop("start", ()),
             ls.d1, ls.st0, ls.st1, ls.stv, lt.d1, lt.st0, lt.st1, lt.stv,
             LOG2E / opts.temperature, LOG2E / opts.teacher_temperature,
             int(opts.ignore_index), STRIDED_V=ls.stv != 1 or lt.stv != 1,
-            BLOCK_V=fwd_block(vocab, None, BLOCK_V), K=k,
-            num_warps=NUM_WARPS, **_fwd_plan(ls, lt, vocab),
-            **const)
+            BLOCK_V=_block(vocab, plan["ALIGN"]), K=k, num_warps=NUM_WARPS, **plan, **const)
     return out
+
+
+def _block(vocab: int, align: bool) -> int:
+    """The forward's block. On the shifted grid only the grid's full blocks past block 0 are
+    vectorized, so a block of at most half the shard keeps some there (a shard of 6282
+    columns in blocks of 2048: two of them; in blocks of 4096, none), but not below one slot
+    per thread (SLOT 32 NUM_WARPS logits: a slot split across threads costs shuffles)."""
+    block = fwd_block(vocab, None, BLOCK_V)
+    if align:
+        half = 1 << max((vocab // 2).bit_length() - 1, 0)
+        block = min(block, max(SLOT.value * 32 * NUM_WARPS, half))
+    return block
 
 
 def stats(s, t, tokens, opts, *, start):
