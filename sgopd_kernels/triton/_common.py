@@ -55,15 +55,60 @@ def row_offset(row, d1, st0, st1):
 
 
 @triton.jit
-def shifted_row(X, off, lead, HINT: tl.constexpr):
-    """``X + off - lead``: the row's start moved back by ``lead`` columns. With ``HINT`` the
-    caller knows ``off - lead`` to be a multiple of SLOT (the row's start moved back to a
-    16-byte boundary), and says so: the unmasked loads of an aligned grid then vectorize."""
-    if HINT:
-        base = X + tl.multiple_of(off - lead, SLOT)
+def grid_lead(off, ALIGN: tl.constexpr):
+    """The streaming grid's lead of a row whose first element is at offset ``off``.
+
+    With ``ALIGN`` (rows whose starts are not 16-byte aligned, e.g. V = 50257) a row is
+    streamed on a grid whose column c' is the row's column c' - lead, lead = off mod SLOT
+    moving the row's start back to a 16-byte boundary, so that the grid's blocks that lie
+    inside the row load (and store) 128 bits unmasked; block 0 masks the lead columns.
+    Without it the grid is the row (lead 0). int32: the column arithmetic stays 32-bit.
+    """
+    if ALIGN:
+        lead = (off % SLOT).to(tl.int32)
     else:
-        base = X + (off - lead)
+        lead = 0
+    return lead
+
+
+@triton.jit
+def on_grid(X, off, lead, ALIGN: tl.constexpr, HINT: tl.constexpr):
+    """The row of ``X`` at offset ``off`` on the streaming grid (:func:`grid_lead`): ``X + off
+    - lead`` with ``ALIGN``, else ``X + off``. ``HINT``: the caller knows ``off - lead`` to be
+    a multiple of SLOT (the tensor's rows share the student's shift, its base 16-byte
+    aligned), and says so, so that the unmasked blocks vectorize."""
+    if ALIGN:
+        if HINT:
+            base = X + tl.multiple_of(off - lead, SLOT)
+        else:
+            base = X + (off - lead)
+    else:
+        base = X + off
     return base
+
+
+@triton.jit
+def bwd_span(lead, n_cols, V, BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The grid columns of backward program (row, j), which writes blocks j BLOCKS ..
+    (j + 1) BLOCKS - 1 of a row whose grid columns [lead, lead + n_cols) are its (n_cols = 0
+    for a masked row): (lo, hi), all its blocks, and (in_lo, in_hi), those that lie inside
+    the row (unmasked loads and stores; the others mask on [lead, lead + n_cols) and store
+    on [lead, lead + V)). Every bound but hi is a multiple of BLOCK_V."""
+    lo = tl.program_id(1) * (BLOCKS * BLOCK_V)
+    hi = tl.minimum(lo + BLOCKS * BLOCK_V, V + lead)
+    in_lo = tl.maximum(lo, tl.cdiv(lead, BLOCK_V) * BLOCK_V)
+    # (n_cols + lead <= V + lead, so hi's clamp to the row is implied; left out, the bounds
+    # stay multiples of BLOCK_V where V + lead is odd, and the loads and stores vectorize)
+    in_hi = tl.maximum(tl.minimum(lo + BLOCKS * BLOCK_V, ((n_cols + lead) // BLOCK_V) * BLOCK_V),
+                       in_lo)
+    return lo, hi, in_lo, in_hi
+
+
+@triton.jit
+def store_span(grid, cols, lead, V, x):
+    """Store a block ``x`` of a row's gradient at grid columns ``cols``, masked to the row's
+    columns [lead, lead + V)."""
+    tl.store(grid + cols, x.to(grid.dtype.element_ty), mask=(cols >= lead) & (cols < V + lead))
 
 
 @triton.jit

@@ -60,9 +60,10 @@ import triton
 import triton.language as tl
 
 from .._options import Divergence
-from ._common import (SLOT, any_nan, bridge, combine_bridge, combine_lse, fold_bridge, fold_lse,
-                      load_inside, load_inside2, load_span, load_span2, put, row_offset,
-                      row_ptr, row_token, shifted_row, slot_ref, slot_state, tile2)
+from ._common import (SLOT, any_nan, bridge, bwd_span, combine_bridge, combine_lse, fold_bridge,
+                      fold_lse, grid_lead, load_inside, load_inside2, load_span, load_span2,
+                      on_grid, put, row_offset, row_ptr, row_token, slot_ref, slot_state,
+                      store_span, tile2)
 from ._layout import RowLayout, row_layout
 from ._table import (A, B, DELTA, ENTROPY, FINITE, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S,
                      LOGITS_K, LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
@@ -210,27 +211,18 @@ def _opd_fwd_kernel(
     # The frame (f_s, f_t) of every linear accumulator: both models' logits at one token the
     # student likes, the sampled token or the student's best in the first block, whichever
     # the student rates higher. It is fixed before the pass and never moves after.
-    # The streaming grid (ALIGN: rows whose starts are not 16-byte aligned, e.g. V = 50257):
-    # its column c' is the row's column c' - lead, where lead moves the row's start back to a
-    # 16-byte boundary, so the unmasked full blocks keep their 128-bit loads. Block 0 masks
-    # the lead columns, the last block the columns past the row (end = n_cols + lead).
+    # The streaming grid (_common.grid_lead; ALIGN: rows whose starts are not 16-byte
+    # aligned, e.g. V = 50257), whose unmasked full blocks keep their 128-bit loads. Block 0
+    # masks the lead columns, the last block the columns past the row (end = n_cols + lead).
     offs = tile2(BLOCK_V)
-    if ALIGN:
-        s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = (s_off % SLOT).to(tl.int32)  # (int32: the column arithmetic stays 32-bit)
-        s_grid = shifted_row(S, s_off, lead, True)
-        t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
-        end = n_cols + lead
-        raw_s = load_span2(s_grid, 0, lead, end, s_stv, STRIDED_V, BLOCK_V)
-        raw_t = load_span2(t_grid, 0, lead, end, t_stv, STRIDED_V, BLOCK_V)
-        inside = (offs >= lead) & (offs < end)
-    else:
-        s_grid = s_row
-        t_grid = t_row
-        end = n_cols
-        raw_s = load_span2(s_row, 0, 0, n_cols, s_stv, STRIDED_V, BLOCK_V)
-        raw_t = load_span2(t_row, 0, 0, n_cols, t_stv, STRIDED_V, BLOCK_V)
-        inside = offs < n_cols
+    s_off = row_offset(row, s_d1, s_st0, s_st1)
+    lead = grid_lead(s_off, ALIGN)
+    s_grid = on_grid(S, s_off, lead, ALIGN, True)
+    t_grid = on_grid(T, row_offset(row, t_d1, t_st0, t_st1), lead, ALIGN, T_SAME)
+    end = n_cols + lead
+    raw_s = load_span2(s_grid, 0, lead, end, s_stv, STRIDED_V, BLOCK_V)
+    raw_t = load_span2(t_grid, 0, lead, end, t_stv, STRIDED_V, BLOCK_V)
+    inside = (offs >= lead) & (offs < end)
     s_j = tl.max(tl.max(raw_s, 1), 0)
     j = tl.min(tl.min(tl.where(raw_s == s_j, offs, BLOCK_V), 1), 0)  # first best column
     t_j = tl.sum(tl.sum(tl.where(offs == j, raw_t, 0.0), 1), 0)
@@ -504,30 +496,17 @@ def _opd_bwd_kernel(
     b_f = code // SLOT
     c0 = b_f - code % SLOT
     c1 = tl.where(code > 0, ((V + code % SLOT) // tl.maximum(b_f, 1)) * b_f - code % SLOT, 0)
-    if ALIGN:
-        # the forward's shifted grid (column c' is the row's c' - lead, lead moving the row's
-        # start back to a 16-byte boundary): a block inside the row loads and stores
-        # unmasked, 128-bit where the teacher's and the gradient's rows share the shift
-        s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = (s_off % SLOT).to(tl.int32)  # (int32: the column arithmetic stays 32-bit)
-        s_grid = shifted_row(S, s_off, lead, True)
-        t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
-        g_grid = shifted_row(DS, row * V, lead, G_SAME)
-    else:
-        lead = 0
-        s_grid = row_ptr(S, row, s_d1, s_st0, s_st1)
-        t_grid = row_ptr(T, row, t_d1, t_st0, t_st1)
-        g_grid = DS + row * V
-    grids = (s_grid, t_grid, g_grid)
+    # the forward's grid: a block inside the row loads and stores unmasked, 128-bit where
+    # the teacher's and the gradient's rows share the shift
+    s_off = row_offset(row, s_d1, s_st0, s_st1)
+    lead = grid_lead(s_off, ALIGN)
+    grids = (on_grid(S, s_off, lead, ALIGN, True),
+             on_grid(T, row_offset(row, t_d1, t_st0, t_st1), lead, ALIGN, T_SAME),
+             on_grid(DS, row * V, lead, ALIGN, G_SAME))
     end = n_cols + lead  # the grid's columns [lead, end) are the row's (none if masked)
-    lo = tl.program_id(1) * (BLOCKS * BLOCK_V)  # this program's columns [lo, hi) of the grid
-    hi = tl.minimum(lo + BLOCKS * BLOCK_V, V + lead)
-    # the blocks that lie inside the row (past the lead): unmasked; those
-    # inside [c0, c1) also unguarded
-    in_lo = tl.maximum(lo, tl.cdiv(lead, BLOCK_V) * BLOCK_V)
-    # (end <= V + lead, so hi's clamp to the row is implied; left out, the bounds stay
-    # multiples of BLOCK_V where V + lead is odd, and the loads and stores vectorize)
-    in_hi = tl.maximum(tl.minimum(lo + BLOCKS * BLOCK_V, (end // BLOCK_V) * BLOCK_V), in_lo)
+    # this program's blocks [lo, hi), those inside the row [in_lo, in_hi) unmasked, and of
+    # those the ones inside [c0, c1) also unguarded
+    lo, hi, in_lo, in_hi = bwd_span(lead, n_cols, V, BLOCKS, BLOCK_V)
     u_lo = tl.minimum(tl.maximum(in_lo, tl.cdiv(c0 + lead, BLOCK_V) * BLOCK_V), in_hi)
     u_hi = tl.maximum(tl.minimum(in_hi, ((c1 + lead) // BLOCK_V) * BLOCK_V), u_lo)
     for start in range(u_lo, u_hi, BLOCK_V):
@@ -542,11 +521,10 @@ def _opd_bwd_kernel(
     for start in range(lo, hi, BLOCK_V):
         if (start < in_lo) | (start >= in_hi):
             cols = start + tl.arange(0, BLOCK_V)
-            gv = _grad_block(load_span(s_grid, cols, lead, end, s_stv, STRIDED_V),
-                             load_span(t_grid, cols, lead, end, t_stv, STRIDED_V), rs,
-                             DIVERGENCE, True)
-            tl.store(g_grid + cols, gv.to(DS.dtype.element_ty),
-                     mask=(cols >= lead) & (cols < V + lead))
+            store_span(grids[2], cols, lead, V,
+                       _grad_block(load_span(grids[0], cols, lead, end, s_stv, STRIDED_V),
+                                   load_span(grids[1], cols, lead, end, t_stv, STRIDED_V), rs,
+                                   DIVERGENCE, True))
 
 
 # ---------------------------------------------------------------------------

@@ -47,8 +47,8 @@ from ..reference import gate_lambda, sampled_delta
 from ._layout import row_layout
 from ._table import (A, B, FRAME_S, FRAME_T, LOG2Z_Q, LOG2Z_S, LOGITS_K, MAX_Q, MEAN_S, MEAN_T,
                      REF_S)
-from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, load_block, load_full,
-                      row_offset, row_ptr, row_token, shifted_row, slot_state, tile)
+from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, grid_lead, load_block,
+                      load_full, on_grid, row_offset, row_ptr, row_token, slot_state, tile)
 from .logits import LOG2E, _divergence, _fwd_plan, fwd_block, opd_rows_backward
 
 # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, and the largest t among the
@@ -90,25 +90,21 @@ def _combine_max_sum(m, z, scale2):
 
 
 @triton.jit
-def _grids(S, T, row, s_row, t_row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1, n_cols,
-           ALIGN: tl.constexpr, T_SAME: tl.constexpr, BLOCK_V: tl.constexpr):
+def _grids(S, T, row, s_d1, s_st0, s_st1, t_d1, t_st0, t_st1, n_cols, ALIGN: tl.constexpr,
+           T_SAME: tl.constexpr, BLOCK_V: tl.constexpr):
     """The grids the full blocks stream (s_grid, t_grid, lead, first): with ALIGN (a shard
-    whose rows start off a 16-byte boundary) the rows moved back by ``lead`` columns to one
-    (as in logits.py), so that the grid's full blocks keep 128-bit loads; block 0, masked,
+    whose rows start off a 16-byte boundary) the rows on the grid of ``_common.grid_lead``,
+    so that the grid's full blocks keep 128-bit loads; block 0, masked,
     covers the row's columns [0, first = min(n_cols, BLOCK_V - lead)). Without: the rows,
     lead 0 and first 0 (block 0 is a full block)."""
+    s_off = row_offset(row, s_d1, s_st0, s_st1)
+    lead = grid_lead(s_off, ALIGN)
     if ALIGN:
-        s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = (s_off % SLOT).to(tl.int32)
-        s_grid = shifted_row(S, s_off, lead, True)
-        t_grid = shifted_row(T, row_offset(row, t_d1, t_st0, t_st1), lead, T_SAME)
         first = tl.minimum(n_cols, BLOCK_V - lead)
     else:
-        lead = 0
-        s_grid = s_row
-        t_grid = t_row
         first = 0
-    return s_grid, t_grid, lead, first
+    return (on_grid(S, s_off, lead, ALIGN, True),
+            on_grid(T, row_offset(row, t_d1, t_st0, t_st1), lead, ALIGN, T_SAME), lead, first)
 
 
 @triton.jit
@@ -128,8 +124,8 @@ def _tp_stats_kernel(
     zero = slot_state(BLOCK_V, 0.0)
     st = (neg, zero, neg, zero, neg)
     offs = tile(BLOCK_V)
-    s_grid, t_grid, lead, first = _grids(S, T, row, s_row, t_row, s_d1, s_st0, s_st1, t_d1,
-                                         t_st0, t_st1, n_cols, ALIGN, T_SAME, BLOCK_V)
+    s_grid, t_grid, lead, first = _grids(S, T, row, s_d1, s_st0, s_st1, t_d1, t_st0,
+                                         t_st1, n_cols, ALIGN, T_SAME, BLOCK_V)
     if ALIGN:  # block 0 masked: the row's columns [0, first)
         st = _stats_fold(st, load_block(s_row, offs, s_stv, first, STRIDED_V),
                          load_block(t_row, offs, t_stv, first, STRIDED_V), scale2, tscale2)
@@ -225,8 +221,8 @@ def _tp_bridge_kernel(
     # neither (opd_rows_parallel stores the frame FRAME_S = REF_S)
     # (ALIGN: the full blocks on the grid of _grids, block 0 the row's columns [0, first))
     offs = tile(BLOCK_V)
-    s_grid, t_grid, lead, first = _grids(S, T, row, s_row, t_row, s_d1, s_st0, s_st1, t_d1,
-                                         t_st0, t_st1, n_cols, ALIGN, T_SAME, BLOCK_V)
+    s_grid, t_grid, lead, first = _grids(S, T, row, s_d1, s_st0, s_st1, t_d1, t_st0,
+                                         t_st1, n_cols, ALIGN, T_SAME, BLOCK_V)
     if not ALIGN:
         first = tl.minimum(n_cols, BLOCK_V)
     st = _bridge_range(empty, s_row, t_row, 0, first, V, s_stv, t_stv, r_s, f_t, lz_s, coef,

@@ -22,8 +22,8 @@ import triton.language as tl
 
 from ._layout import row_layout
 from ._table import ADV, DELTA, ENTROPY, GATE, LOSS, S_LOG2Z, S_REF, SAMPLED_K, TEACHER_KL
-from ._common import (SLOT, any_nan, load_block, load_inside, load_span, put, row_offset,
-                      row_ptr, row_token, shifted_row, slot_state, tile)
+from ._common import (any_nan, bwd_span, grid_lead, load_inside, load_span, on_grid,
+                      put, row_offset, row_ptr, row_token, slot_state, store_span, tile)
 from .logits import LOG2E, fwd_block, stream_plan
 
 
@@ -62,24 +62,21 @@ def _sampled_fwd_kernel(
     # per slot of the [BLOCK_V // SLOT, SLOT] tile: the raw running max, sum 2^((z - m) scale2)
     # and sum 2^((z - m) scale2) (z - m) scale2; full blocks unmasked and unguarded, the
     # partial last one masked and guarded
-    # ALIGN (rows whose starts are not 16-byte aligned, e.g. V = 50257): the grid's column
-    # c' is the row's c' - lead, lead moving the start back to a 16-byte boundary, so the
-    # full blocks keep 128-bit loads; its block 0 (which masks the lead) is guarded too
+    # ALIGN (rows whose starts are not 16-byte aligned, e.g. V = 50257): the grid of
+    # _common.grid_lead, whose full blocks keep 128-bit loads; its block 0 (which masks the
+    # lead) is guarded too
     offs = tile(BLOCK_V)
     empty = (slot_state(BLOCK_V, float("-inf")), slot_state(BLOCK_V, 0.0),
              slot_state(BLOCK_V, 0.0))
     st = empty
+    s_off = row_offset(row, s_d1, s_st0, s_st1)
+    lead = grid_lead(s_off, ALIGN)
+    grid = on_grid(S, s_off, lead, ALIGN, True)
+    end = n_cols + lead
     if ALIGN:
-        s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = (s_off % SLOT).to(tl.int32)  # (int32: the column arithmetic stays 32-bit)
-        grid = shifted_row(S, s_off, lead, True)
-        end = n_cols + lead
         first = BLOCK_V
         st = _fold_entropy(st, load_span(grid, offs, lead, end, s_stv, STRIDED_V), scale2, True)
     else:
-        lead = 0
-        grid = s_row
-        end = n_cols
         first = 0
     n_full = (end // BLOCK_V) * BLOCK_V
     for start in range(first, n_full, BLOCK_V):
@@ -89,11 +86,8 @@ def _sampled_fwd_kernel(
     st = (tl.where(redo, float("-inf"), st[0]), tl.where(redo, 0.0, st[1]),
           tl.where(redo, 0.0, st[2]))
     for start in range(tl.where(redo, 0, tl.maximum(n_full, first)), end, BLOCK_V):
-        if ALIGN:
-            raw = load_span(grid, start + offs, lead, end, s_stv, STRIDED_V)
-        else:
-            raw = load_block(grid, start + offs, s_stv, V, STRIDED_V)
-        st = _fold_entropy(st, raw, scale2, True)
+        st = _fold_entropy(st, load_span(grid, start + offs, lead, end, s_stv, STRIDED_V), scale2,
+                           True)
     m, z, acc = st
     m_s = tl.max(m, 0)
     ref = tl.where(m_s == NEG_INF, 0.0, m_s)
@@ -160,23 +154,14 @@ def _sampled_bwd_kernel(
     st = ROWS + row * SAMPLED_K
     r_s = tl.load(st + S_REF)
     lz_s = tl.load(st + S_LOG2Z)
-    if ALIGN:  # the forward's shifted grid; a block inside the row is unmasked
-        s_off = row_offset(row, s_d1, s_st0, s_st1)
-        lead = (s_off % SLOT).to(tl.int32)  # (int32: the column arithmetic stays 32-bit)
-        grid = shifted_row(S, s_off, lead, True)
-        g_grid = shifted_row(DS, row * V, lead, G_SAME)
-    else:
-        lead = 0
-        grid = row_ptr(S, row, s_d1, s_st0, s_st1)
-        g_grid = DS + row * V
+    # the forward's grid; a block inside the row is unmasked
+    s_off = row_offset(row, s_d1, s_st0, s_st1)
+    lead = grid_lead(s_off, ALIGN)
+    grid = on_grid(S, s_off, lead, ALIGN, True)
+    g_grid = on_grid(DS, row * V, lead, ALIGN, G_SAME)
     end = n_cols + lead
     col_y = y + lead  # y in the grid's columns
-    lo = tl.program_id(1) * (BLOCKS * BLOCK_V)  # this program's columns [lo, hi) of the grid
-    hi = tl.minimum(lo + BLOCKS * BLOCK_V, V + lead)
-    in_lo = tl.maximum(lo, tl.cdiv(lead, BLOCK_V) * BLOCK_V)  # blocks inside the row
-    # (end <= V + lead, so hi's clamp to the row is implied; left out, the bounds stay
-    # multiples of BLOCK_V where V + lead is odd, and the loads and stores vectorize)
-    in_hi = tl.maximum(tl.minimum(lo + BLOCKS * BLOCK_V, (end // BLOCK_V) * BLOCK_V), in_lo)
+    lo, hi, in_lo, in_hi = bwd_span(lead, n_cols, V, BLOCKS, BLOCK_V)
     for start in range(in_lo, in_hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         gv = _grad(load_inside(grid, start, cols, s_stv, STRIDED_V, S_PAIRS, BLOCK_V), cols,
@@ -185,10 +170,9 @@ def _sampled_bwd_kernel(
     for start in range(lo, hi, BLOCK_V):  # the others, masked (every block of a masked row)
         if (start < in_lo) | (start >= in_hi):
             cols = start + tl.arange(0, BLOCK_V)
-            gv = _grad(load_span(grid, cols, lead, end, s_stv, STRIDED_V), cols, col_y, r_s,
-                       lz_s, scale2, coef)
-            tl.store(g_grid + cols, gv.to(DS.dtype.element_ty),
-                     mask=(cols >= lead) & (cols < V + lead))
+            store_span(g_grid, cols, lead, V, _grad(load_span(grid, cols, lead, end, s_stv,
+                                                              STRIDED_V), cols, col_y, r_s,
+                                                    lz_s, scale2, coef))
 
 
 FWD_BLOCK_V = 4096
