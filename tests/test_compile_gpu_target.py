@@ -92,7 +92,8 @@ def test_contiguous_bf16_forward_is_specialized_and_loads_128_bits(compiled):
 def test_rows_off_16_bytes_keep_128_bit_loads_on_a_shifted_grid(compiled):
     """GPT-2's V = 50257 (every row start but one off a 16-byte boundary, the teacher sharing
     the vocabulary): the forward's full blocks, and the backward's blocks inside the row,
-    load and store 128 bits on the grid shifted back to a 16-byte boundary."""
+    load and store 128 bits on the grid shifted back to a 16-byte boundary (logits, sampled,
+    vocabulary-parallel and top-k kernels)."""
     proc, data = compiled
     assert data is not None, proc.stdout[-4000:] + proc.stderr[-4000:]
     fwd = _spec(data, "_opd_fwd_kernel", "logits bf16 gpt2 gate=1 reverse_kl")
@@ -127,6 +128,17 @@ def test_rows_off_16_bytes_keep_128_bit_loads_on_a_shifted_grid(compiled):
         assert spec["constexprs"]["BLOCK_V"] == "2048", (kernel, spec["constexprs"])
     mix = _spec(data, "_tp_stats_kernel", tp)["loop_mix"]
     assert mix.get("LDG.128", 0) >= 2 and not mix.get("LDG.16") and not mix.get("LDG.64"), mix
+    # the top-k stream and its backward on the same grid: 16 bf16 per thread and block, two
+    # 128-bit loads (and, in backward, stores) in the loop over the blocks inside the row
+    topk = "topk bf16 odd k=20 gate=1 ttl=1 reverse_kl"
+    stream = _spec(data, "_topk_stream_kernel", topk)
+    tbwd = _spec(data, "_topk_bwd_kernel", topk)
+    assert stream["constexprs"]["ALIGN"] == "True" and tbwd["constexprs"]["ALIGN"] == "True"
+    assert tbwd["constexprs"]["G_SAME"] == "True", tbwd["constexprs"]
+    for spec, stores in ((stream, 0), (tbwd, 2)):
+        mix = spec["loop_mix"]
+        assert mix.get("LDG.128", 0) >= 2 and not mix.get("LDG.16"), (spec["kernel"], mix)
+        assert mix.get("STG.128", 0) >= stores and not mix.get("STG.16"), (spec["kernel"], mix)
 
 
 CHECK = textwrap.dedent("""

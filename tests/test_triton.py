@@ -469,3 +469,37 @@ def test_bf16_error_at_most_twice_eager():
     err_eager = (g_eager.double() - g_want).norm()
     assert err <= 2 * err_eager, (float(err), float(err_eager))
     assert abs(float(loss.detach()) - float(want)) <= 2 * abs(float(eager.detach()) - float(want)) + 1e-4
+
+
+@pytest.mark.parametrize("family", ["logits", "sampled", "topk"])
+@pytest.mark.parametrize("vocab", [100, 61])  # (61: the rows off 16 bytes, on the shifted grid)
+def test_a_masked_row_reads_nothing(family, vocab, small_blocks):
+    """A row whose token is ignore_index reads none of its logits: NaN logits there give no
+    NaN, a gradient of exactly 0 in that row, and the other rows' values."""
+    s, t, y = _rand((4,), vocab, vocab, seed=5)
+    y[2] = -100
+    s_nan = s.clone()
+    s_nan[2] = float("nan")
+    t_nan = t.clone()
+    t_nan[2] = float("nan")
+    ids = torch.stack([torch.randperm(vocab)[:5] for _ in range(4)])
+    lp_t = torch.log_softmax(t, -1)
+
+    def run(student, teacher):
+        x = student.to(DEV).requires_grad_(True)
+        if family == "logits":
+            loss = sk.gated_opd_loss(x, teacher.to(DEV), y.to(DEV), torch.ones(4, device=DEV),
+                                     reduction="sum", backend="triton")
+        elif family == "sampled":
+            loss = sk.sampled_opd_loss(x, lp_t.gather(-1, y.clamp(min=0)[:, None])[:, 0].to(DEV),
+                                       y.to(DEV), reduction="sum", backend="triton")
+        else:
+            loss = sk.topk_opd_loss(x, ids.to(DEV), lp_t.gather(-1, ids).to(DEV), y.to(DEV),
+                                    reduction="sum", backend="triton")
+        (g,) = torch.autograd.grad(loss, x)
+        return loss.cpu(), g.cpu()
+
+    loss, g = run(s_nan, t_nan)
+    want, g_want = run(s, t)
+    assert torch.isfinite(loss) and torch.equal(loss, want)
+    assert (g[2] == 0).all() and torch.equal(g[[0, 1, 3]], g_want[[0, 1, 3]])

@@ -25,9 +25,15 @@ row of V logits. Four kernels, each with its launcher below:
    KL or JSD), the statistics and the row's backward state, into the row table.
    It makes a row NaN where an id is outside the vocabulary, an id appears twice
    or the sampled token is out of range (nothing is read out of bounds).
-3. ``_topk_bwd_kernel``, a 2-D grid over (row, vocabulary block): re-reads the
-   student's logits and writes ``p_S,v alpha_tail / tau`` (the tail's
-   coefficient) times the row's incoming gradient, everywhere.
+3. ``_topk_bwd_kernel``, a 2-D grid over (row, a few vocabulary blocks): re-reads
+   the student's logits and writes ``p_S,v alpha_tail / tau`` (the tail's
+   coefficient) times the row's incoming gradient, everywhere, the row's
+   conditions folded into one scalar.
+
+Kernels (1) and (3) stream the grid of ``_common.grid_lead``: rows whose starts
+are not 16-byte aligned (V = 50257) are read on a grid shifted back to a 16-byte
+boundary, so that the blocks inside the row keep their 128-bit loads and
+stores.
 4. ``_topk_bwd_slots_kernel``, one program per row, after (3): overwrites the
    gradient at the k ids (and at y with its own category) with the categories'
    own values.
@@ -54,8 +60,9 @@ from ..parallel import all_reduce, shard_start
 from ._layout import row_layout
 from ._table import (A, B, DELTA, ENTROPY, GATE, K_G_MEAN, K_LOG2Z, K_LOG_ZQ, K_REF,
                      K_TAIL_COEF, K_TAIL_LOG2, LOSS, TEACHER_KL, TOPK_K)
-from ._common import load_block, online, put, row_ptr, row_token
-from .logits import LOG2E
+from ._common import (bwd_span, grid_lead, load_block, load_inside, load_span, on_grid, online,
+                      put, row_offset, row_ptr, row_token, store_span, tile)
+from .logits import LOG2E, fwd_block, stream_plan
 
 RKL = tl.constexpr(int(Divergence.REVERSE_KL))
 FKL = tl.constexpr(int(Divergence.FORWARD_KL))
@@ -79,13 +86,6 @@ def _shard_col(ids, start, V):
 
 
 @triton.jit
-def _tile(BLOCK_V: tl.constexpr):
-    """Offsets of a block as [BLOCK_V // 8, 8] tiles: each thread reduces its 8 in-thread, and
-    the running sums are per tile row, combined across the threads once per row."""
-    return tl.arange(0, BLOCK_V // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
-
-
-@triton.jit
 def _stream_block(raw, r, scale2, mx, acc, ent, cnt):
     """Fold a tile of raw logits into the running max, sum of 2^((raw - r) scale2) (float64),
     sum of 2^((raw - r) scale2) (raw - r) scale2 and count of finite logits."""
@@ -101,7 +101,7 @@ def _stream_block(raw, r, scale2, mx, acc, ent, cnt):
 @triton.jit
 def _stream_range(s_row, lo, hi, V, s_stv, r, scale2, mx, acc, ent, cnt,
                   STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
-    offs = _tile(BLOCK_V)
+    offs = tile(BLOCK_V)
     for start in range(lo, hi, BLOCK_V):
         raw = load_block(s_row, start + offs, s_stv, V, STRIDED_V)
         mx, acc, ent, cnt = _stream_block(raw, r, scale2, mx, acc, ent, cnt)
@@ -150,7 +150,7 @@ def _topk_stream_kernel(
     s_d1, s_st0, s_st1, s_stv,
     scale2, ignore_index,
     HAS_TTL: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ALIGN: tl.constexpr = False, S_PAIRS: tl.constexpr = False,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     FAR: tl.constexpr = 64.0  # base-2 units from the reference
@@ -177,8 +177,15 @@ def _topk_stream_kernel(
     excl_y = own_y & (in_e == 0) & HAS_TTL
 
     # the reference, fixed before the pass: the largest of the categories' logits and the
-    # first block's
-    raw = load_block(s_row, _tile(BLOCK_V), s_stv, n_cols, STRIDED_V)
+    # first block's. The pass streams the grid of _common.grid_lead (ALIGN: rows whose
+    # starts are not 16-byte aligned, e.g. V = 50257): block 0 masks the lead columns, the
+    # full blocks are unmasked (128-bit loads), the partial last one masks past the row.
+    offs = tile(BLOCK_V)
+    s_off = row_offset(row, s_d1, s_st0, s_st1)
+    lead = grid_lead(s_off, ALIGN)
+    grid = on_grid(S, s_off, lead, ALIGN, True)
+    end = n_cols + lead
+    raw = load_span(grid, offs, lead, end, s_stv, STRIDED_V)
     r = tl.maximum(tl.maximum(tl.max(tl.max(raw, 1), 0), tl.max(z_k, 0)),
                    tl.where(excl_y, z_y, NEG_INF))
     r = tl.where(r == NEG_INF, 0.0, r)
@@ -188,8 +195,13 @@ def _topk_stream_kernel(
     ent = tl.zeros([BLOCK_V // 8], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_V // 8], dtype=tl.int32)
     mx, acc, ent, cnt = _stream_block(raw, r, scale2, mx, acc, ent, cnt)
-    mx, acc, ent, cnt = _stream_range(s_row, BLOCK_V, n_cols, V, s_stv, r, scale2, mx, acc,
-                                      ent, cnt, STRIDED_V, BLOCK_V)
+    n_full = (end // BLOCK_V) * BLOCK_V
+    for lo in range(BLOCK_V, n_full, BLOCK_V):
+        raw = load_inside(grid, lo, lo + offs, s_stv, STRIDED_V, S_PAIRS, BLOCK_V)
+        mx, acc, ent, cnt = _stream_block(raw, r, scale2, mx, acc, ent, cnt)
+    for lo in range(tl.maximum(n_full, BLOCK_V), end, BLOCK_V):  # at most once
+        raw = load_block(grid, lo + offs, s_stv, end, STRIDED_V)
+        mx, acc, ent, cnt = _stream_block(raw, r, scale2, mx, acc, ent, cnt)
     m = tl.max(mx, 0)
     # a maximum far above the reference would overflow the sums, one far below it (the
     # reference was 0 for a first block and categories all -inf) underflow them: read again
@@ -446,11 +458,14 @@ def _topk_bwd_kernel(
     S, TOK, ROWS, GROW, DS,
     V, s_d1, s_st0, s_st1, s_stv,
     scale2, inv_temp, ignore_index,
-    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr, BLOCKS: tl.constexpr = 1,
+    ALIGN: tl.constexpr = False, G_SAME: tl.constexpr = False, S_PAIRS: tl.constexpr = False,
 ):
+    """Program (row, j) writes blocks j BLOCKS .. (j + 1) BLOCKS - 1 of the row's gradient,
+    on the forward's grid (_common.grid_lead): a block inside the row unmasked."""
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     _, valid, _ = row_token(TOK, row, V, ignore_index)
+    n_cols = tl.where(valid, V, 0)  # a masked row reads nothing
     st = ROWS + row * TOPK_K
     r = tl.load(st + K_REF)
     lz = tl.load(st + K_LOG2Z)
@@ -463,13 +478,28 @@ def _topk_bwd_kernel(
     fold = (tl.abs(l2) > 64.0) & (tl.abs(l2) < float("inf"))
     e = tl.where(fold, tl.floor(l2), 0.0)
     sgn = tl.where(alpha < 0.0, -1.0, 1.0) * tl.where(g < 0.0, -1.0, 1.0)
-    scale = tl.where(fold, sgn * tl.exp2(l2 - e), alpha * g)
-    raw = load_block(row_ptr(S, row, s_d1, s_st0, s_st1), cols, s_stv, V, STRIDED_V)
-    p = tl.exp2((raw - r) * scale2 - (lz - e))
-    gv = tl.where(p == 0.0, 0.0, p * scale)
-    gv = tl.where(alpha != alpha, float("nan"), gv)  # a NaN row is NaN everywhere
-    gv = tl.where(valid, gv, 0.0)
-    tl.store(DS + row * V + cols, gv.to(DS.dtype.element_ty), mask=cols < V)
+    # the row's conditions in two scalars: the coefficient (0 for a masked row, NaN for a NaN
+    # row, which is NaN everywhere) and the value where p_S is 0 (0, or NaN for a NaN row)
+    coef = tl.where(valid, tl.where(alpha != alpha, float("nan"),
+                                    tl.where(fold, sgn * tl.exp2(l2 - e), alpha * g)), 0.0)
+    zero = tl.where(coef != coef, float("nan"), 0.0)
+    shift = lz - e
+    s_off = row_offset(row, s_d1, s_st0, s_st1)
+    lead = grid_lead(s_off, ALIGN)
+    grid = on_grid(S, s_off, lead, ALIGN, True)
+    g_grid = on_grid(DS, row * V, lead, ALIGN, G_SAME)
+    lo, hi, in_lo, in_hi = bwd_span(lead, n_cols, V, BLOCKS, BLOCK_V)
+    for start in range(in_lo, in_hi, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        raw = load_inside(grid, start, cols, s_stv, STRIDED_V, S_PAIRS, BLOCK_V)
+        p = tl.exp2((raw - r) * scale2 - shift)
+        tl.store(g_grid + cols, tl.where(p == 0.0, zero, p * coef).to(DS.dtype.element_ty))
+    for start in range(lo, hi, BLOCK_V):  # the others, masked (every block of a masked row)
+        if (start < in_lo) | (start >= in_hi):
+            cols = start + tl.arange(0, BLOCK_V)
+            raw = load_span(grid, cols, lead, n_cols + lead, s_stv, STRIDED_V)
+            p = tl.exp2((raw - r) * scale2 - shift)
+            store_span(g_grid, cols, lead, V, tl.where(p == 0.0, zero, p * coef))
 
 
 @triton.jit
@@ -566,13 +596,12 @@ def stream(student, ids, tokens, opts, *, start=0, has_ttl=False):
     cats = torch.cat([ids, tokens.unsqueeze(-1)], -1) if has_ttl else ids
     cats = cats.sort(-1).values
     if n:
+        _, plan = stream_plan(_topk_stream_kernel, ls, None, vocab,
+                              fwd_block(vocab, None, FWD_BLOCK_V), backward=False)
         _topk_stream_kernel[(n,)](
             ls.tensor, ids, cats, tokens, zk, st, vocab, int(start), k, cats.shape[-1],
             ls.d1, ls.st0, ls.st1, ls.stv, LOG2E / opts.temperature, int(opts.ignore_index),
-            HAS_TTL=bool(has_ttl), STRIDED_V=ls.stv != 1,
-            BLOCK_V=max(16, min(FWD_BLOCK_V, triton.next_power_of_2(vocab))),
-            BLOCK_K=_block_k(k),
-            num_warps=FWD_WARPS)
+            HAS_TTL=bool(has_ttl), BLOCK_K=_block_k(k), num_warps=FWD_WARPS, **plan)
     return st, zk
 
 
@@ -609,11 +638,12 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts, *,
     if n == 0 or vocab == 0:
         return grad
     grow = grad_rows.float().contiguous()
-    block = min(BWD_BLOCK_V, triton.next_power_of_2(vocab))
-    _topk_bwd_kernel[(n, triton.cdiv(vocab, block))](
+    programs, plan = stream_plan(_topk_bwd_kernel, ls, None, vocab,
+                                 min(BWD_BLOCK_V, triton.next_power_of_2(vocab)), backward=True)
+    _topk_bwd_kernel[(n, programs)](
         ls.tensor, tokens, rows, grow, grad, vocab, ls.d1, ls.st0, ls.st1, ls.stv,
         LOG2E / opts.temperature, 1.0 / opts.temperature, int(opts.ignore_index),
-        STRIDED_V=ls.stv != 1, BLOCK_V=block, num_warps=BWD_WARPS)
+        num_warps=BWD_WARPS, **plan)
     _topk_bwd_slots_kernel[(n,)](
         ls.tensor, ids, tlp, ttl if ttl is not None else tlp, tokens, rows, grow, grad,
         vocab, int(start), k, ls.d1, ls.st0, ls.st1, ls.stv,
