@@ -173,6 +173,34 @@ def _worker(rank, world, path, dtype, backend):
                     **kw), x)
                 torch.testing.assert_close(g.double(), g64[..., lo:hi], rtol=1e-4,
                                            atol=1e-5 * g64.abs().max().item())
+            # logits near 2^16 (multiples of 1/64, exact in float32), in shards of several
+            # blocks: forward KL's frame units carry the rounding of the frame times scale2 as
+            # a shift common to the row, which the shards' sums shed (against float64: float32
+            # torch loses digits there, in lse = m + log z)
+            tp.BLOCK_V = 16
+            gen = torch.Generator().manual_seed(2)
+            vw = V_WIDE * world
+            s64, t64 = (torch.round(torch.randn(B, T, vw, generator=gen, dtype=torch.float64)
+                                    * 128) / 64 + 65536 for _ in range(2))
+            tok_p = torch.randint(0, vw, (B, T), generator=gen)
+            kw = dict(divergence="forward_kl", temperature=0.7, reduction="sum", beta=0.1,
+                      verifier=torch.tensor([True, False]), return_stats=True)
+            x64 = s64.clone().requires_grad_()
+            l64, st64 = sk.gated_opd_loss(x64, t64, tok_p, backend="torch", **kw)
+            (g64,) = torch.autograd.grad(l64, x64)
+            wlo, whi = rank * V_WIDE, (rank + 1) * V_WIDE
+            x = s64[..., wlo:whi].float().requires_grad_()
+            l32, st32 = sk.gated_opd_loss(x, t64[..., wlo:whi].float(), tok_p,
+                                          process_group=group, backend=backend, **kw)
+            (g,) = torch.autograd.grad(l32, x)
+            torch.testing.assert_close(l32.double(), l64.double(), rtol=1e-5, atol=1e-5)
+            for name in ("teacher_kl", "student_entropy"):
+                torch.testing.assert_close(torch.as_tensor(float(getattr(st32, name))),
+                                           torch.as_tensor(float(getattr(st64, name))),
+                                           rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g.double(), g64[..., wlo:whi], rtol=1e-4,
+                                       atol=1e-5 * g64.abs().max().item())
+            tp.BLOCK_V = 4096
             # no host reads on this path: the affected rows are NaN instead of an error
             loss = sk.gated_opd_loss(s[..., lo:hi], t[..., lo:hi], tok, process_group=group,
                                      backend=backend, reduction="none")

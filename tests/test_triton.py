@@ -503,3 +503,39 @@ def test_a_masked_row_reads_nothing(family, vocab, small_blocks):
     want, g_want = run(s, t)
     assert torch.isfinite(loss) and torch.equal(loss, want)
     assert (g[2] == 0).all() and torch.equal(g[[0, 1, 3]], g_want[[0, 1, 3]])
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_logits_near_two_to_the_sixteen_keep_their_digits(divergence, gated, small_blocks):
+    """A common offset of 2^16 on both models' logits (exact in float32: the logits are
+    multiples of 1/64) changes no loss, statistic or gradient. Forward KL forms its frame
+    units as fma(raw, scale2, -round(f scale2)), which carries the rounding of f scale2 (up
+    to 2^-8 base-2 units here) as a shift common to the row: the kernel must take it out of
+    every expectation, or the loss moves by about 1e-3."""
+    gen = torch.Generator().manual_seed(11)
+    n, vocab = 6, 150
+    s0 = torch.round(torch.randn(n, vocab, generator=gen) * 2 * 64) / 64
+    t0 = torch.round(torch.randn(n, vocab, generator=gen) * 2 * 64) / 64
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    ver = torch.tensor([1.0, -1.0, 0.0, 1.0, -1.0, 1.0]) if gated else None
+    kw = dict(divergence=divergence, beta=0.1, temperature=0.7, reduction="none")
+    got = []
+    for off in (0.0, 65536.0):
+        s, t = s0 + off, t0 + off
+        x = s.to(DEV).requires_grad_(True)
+        loss, stats = sk.gated_opd_loss(x, t.to(DEV), y.to(DEV), _to(ver, DEV),
+                                        return_stats=True, backend="triton", **kw)
+        grad_out = torch.randn(loss.shape, generator=gen).to(DEV)
+        (g,) = torch.autograd.grad(loss, x, grad_out)
+        want, want_stats, g_want = oracle_opd(s, t, y, ver, grad_out=grad_out.cpu(), **kw)
+        assert_loss_close(loss.cpu(), want)
+        assert_grad_close(g.cpu(), g_want, torch.float32)
+        for name in ("teacher_kl", "student_entropy", "divergence"):
+            assert_loss_close(torch.as_tensor(float(getattr(stats, name))).reshape(1),
+                              torch.as_tensor(want_stats[name]).reshape(1), what=name)
+        got.append((loss.cpu(), stats))
+    (l0, st0), (l1, st1) = got
+    assert_close(l1, l0, rtol=1e-5, atol=1e-5, what="loss at 2^16 vs at 0")
+    for name in ("teacher_kl", "student_entropy"):
+        assert abs(float(getattr(st1, name)) - float(getattr(st0, name))) < 1e-5, name

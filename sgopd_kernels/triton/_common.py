@@ -246,44 +246,64 @@ def online(raw, m, z, scale2):
 
 
 @triton.jit
-def slot_ref(m, raw, f, scale, GUARD: tl.constexpr):
+def frame_units(raw, f, scale, FMA: tl.constexpr):
+    """A raw logit (or a maximum) in the units of a frame ``f``: ``(raw - f) scale``.
+
+    With ``FMA`` it is formed in one instruction, ``fma(raw, scale, -(f scale))``, one
+    rounding of the exact ``raw scale - round(f scale)``: the value differs from
+    ``(raw - f) scale`` by the rounding of ``f scale``, a shift common to every logit of
+    the row. A kernel that forms its elements, its slots' maxima and its row's maximum in
+    the same form sees the shift cancel from every probability and every expectation
+    against ``-(C + log2 Z)``, and a backward that forms them as its forward did gets the
+    forward's bits. -inf, +inf and NaN map to themselves in both forms.
+    """
+    if FMA:
+        u = tl.fma(raw, scale, -(f * scale))
+    else:
+        u = (raw - f) * scale
+    return u
+
+
+@triton.jit
+def slot_ref(m, raw, f, scale, GUARD: tl.constexpr, FMA: tl.constexpr = False):
     """Move each slot's raw running max ``m`` over a tile ``raw``.
 
-    Returns the new max, its value in frame units ``c = (max - f) scale`` (the exponent
-    of an element is ``(raw - f) scale - c``, 0 at the max up to the rounding of one
-    product where the compiler contracts it into an FMA) and the factor that
-    rescales the slot's old sums. With ``GUARD`` an empty slot (max -inf) has
-    c = -f scale, its sums 0. Without it an old max of -inf still gives the factor 0
-    (2^-inf), but a slot still empty after the tile has c = -inf, and its exponents
-    (-inf - -inf) are NaN: a tile that is -inf in a whole slot shows as a NaN.
+    Returns the new max, its value in frame units ``c`` (:func:`frame_units` in the form
+    ``FMA`` that the caller's elements take: the exponent of an element is its frame units
+    minus c, 0 at the max) and the factor that rescales the slot's old sums. With ``GUARD``
+    an empty slot (max -inf) has c = the frame units of 0, its sums 0. Without it an old
+    max of -inf still gives the factor 0 (2^-inf), but a slot still empty after the tile
+    has c = -inf, and its exponents (-inf - -inf) are NaN: a tile that is -inf in a whole
+    slot shows as a NaN.
     """
     nm = tl.maximum(m, tl.max(raw, 1))
     if GUARD:
-        c = (tl.where(nm == float("-inf"), 0.0, nm) - f) * scale
-        al = tl.exp2(tl.where(m == float("-inf"), 0.0, (m - f) * scale - c))
+        c = frame_units(tl.where(nm == float("-inf"), 0.0, nm), f, scale, FMA)
+        al = tl.exp2(tl.where(m == float("-inf"), 0.0, frame_units(m, f, scale, FMA) - c))
     else:
-        c = (nm - f) * scale
-        al = tl.exp2((m - f) * scale - c)
+        c = frame_units(nm, f, scale, FMA)
+        al = tl.exp2(frame_units(m, f, scale, FMA) - c)
     return nm, c, al
 
 
 @triton.jit
-def fold_lse(st, raw, xf, f, scale, GUARD: tl.constexpr):
+def fold_lse(st, raw, xf, f, scale, GUARD: tl.constexpr, FMA: tl.constexpr = False):
     """The online fold of one model, parametrized by its scale: st = (raw max, sum 2^(xf - c))
-    per slot, where ``xf = (raw - f) scale`` is the tile in frame units (``GUARD``: see
-    :func:`slot_ref`)."""
+    per slot, where ``xf`` is the tile in frame units (:func:`frame_units` in the form
+    ``FMA``; ``GUARD``: see :func:`slot_ref`)."""
     m, z = st
-    nm, c, al = slot_ref(m, raw, f, scale, GUARD)
+    nm, c, al = slot_ref(m, raw, f, scale, GUARD, FMA)
     return nm, z * al + tl.sum(tl.exp2(xf - c[:, None]), 1)
 
 
 @triton.jit
-def combine_lse(st, f, scale):
-    """Across slots: the row's (raw max, sum 2^(xf - C)) and each slot's weight 2^(c - C)."""
+def combine_lse(st, f, scale, FMA: tl.constexpr = False):
+    """Across slots: the row's (raw max, sum 2^(xf - C)) and each slot's weight 2^(c - C)
+    (frame units in the form ``FMA``)."""
     m, z = st
     M = tl.max(m, 0)
-    C = (tl.where(M == float("-inf"), 0.0, M) - f) * scale
-    c = (tl.where(m == float("-inf"), 0.0, m) - f) * scale
+    C = frame_units(tl.where(M == float("-inf"), 0.0, M), f, scale, FMA)
+    c = frame_units(tl.where(m == float("-inf"), 0.0, m), f, scale, FMA)
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(c - C))
     return M, tl.sum(z * w, 0), w
 

@@ -19,7 +19,9 @@ student's best in the first block if it rates that higher). It never moves,
 so nothing is shifted when a running max changes, and the values that carry
 the student's probability sit near it, small and exact. Maxima
 are kept in raw logit units; an element's one exponent is ``sf - c`` with
-``sf = (raw - f_s) * scale2`` and ``c`` the slot's max in the same units.
+``sf = (raw - f_s) * scale2`` and ``c`` the slot's max in the same units
+(forward KL forms both as ``fma(raw, scale2, -f_s scale2)``, one instruction
+instead of two: ``_common.frame_units``; its backward forms them alike).
 
 The state is kept per slot of a [BLOCK_V // 16, 16] tile (``_common.tile2``:
 each thread holds 8 consecutive logits of each half of the block and keeps
@@ -61,7 +63,7 @@ import triton.language as tl
 
 from .._options import Divergence
 from ._common import (SLOT, any_nan, bridge, bwd_span, combine_bridge, combine_lse, fold_bridge,
-                      fold_lse, grid_lead, load_inside, load_inside2, load_span, load_span2,
+                      fold_lse, frame_units, grid_lead, load_inside, load_inside2, load_span, load_span2,
                       on_grid, put, row_offset, row_ptr, row_token, slot_ref, slot_state,
                       store_span, tile2)
 from ._layout import RowLayout, row_layout
@@ -78,10 +80,10 @@ RKL = tl.constexpr(int(Divergence.REVERSE_KL))
 
 
 @triton.jit
-def _fold_student(st, raw_s, sf, tf, f_s, scale2, GUARD: tl.constexpr):
+def _fold_student(st, raw_s, sf, tf, f_s, scale2, GUARD: tl.constexpr, FMA: tl.constexpr):
     """st = per slot (raw max, sum 2^(sf - c), sum 2^(sf - c) sf, sum 2^(sf - c) tf)."""
     m, z, acc_ss, acc_st = st
-    nm, c, al = slot_ref(m, raw_s, f_s, scale2, GUARD)
+    nm, c, al = slot_ref(m, raw_s, f_s, scale2, GUARD, FMA)
     e = tl.exp2(sf - c[:, None])  # the element's one exponent
     if GUARD:
         ps = tl.where(e == 0.0, 0.0, e * sf)
@@ -108,10 +110,12 @@ def _fold(state, raw_s, raw_t, frame, coef, HAS_GATE: tl.constexpr, FKL: tl.cons
     st_s, st_t, q0, q1 = state
     f_s, f_t, scale2, tscale2 = frame
     a0, b0, a1, b1 = coef
-    sf = (raw_s - f_s) * scale2
-    tf = (raw_t - f_t) * tscale2
-    st_s = _fold_student(st_s, raw_s, sf, tf, f_s, scale2, GUARD)
-    st_t = fold_lse(st_t, raw_t, tf, f_t, tscale2, GUARD)
+    # (forward KL: frame units in one FMA; reverse KL's backward takes the exact
+    # differences raw - f against the forward's means, and keeps the difference form)
+    sf = frame_units(raw_s, f_s, scale2, FKL)
+    tf = frame_units(raw_t, f_t, tscale2, FKL)
+    st_s = _fold_student(st_s, raw_s, sf, tf, f_s, scale2, GUARD, FKL)
+    st_t = fold_lse(st_t, raw_t, tf, f_t, tscale2, GUARD, FKL)
     if GUARD:
         support = (raw_s != float("-inf")) & (raw_t != float("-inf"))
         if not SKIP_BRIDGE:
@@ -276,7 +280,7 @@ def _opd_fwd_kernel(
     # FRAME_TOL, e.g. a masked first block and a sampled token the student masks) would cost
     # precision: such a rare row reads itself once more, with those means as its frame.
     # A zero-trip loop for every other row.
-    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), f_s, scale2)
+    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), f_s, scale2, FKL)
     acc_ss = tl.sum(state[0][2] * w_s, 0)
     acc_st = tl.sum(tl.where(state[0][3] == NEG_INF_, NEG_INF_, state[0][3] * w_s), 0)
     mean_s = acc_ss / z_s
@@ -291,23 +295,23 @@ def _opd_fwd_kernel(
                     t_stv, frame, coef, HAS_GATE, FKL, STRIDED_V, BLOCK_V)
     computed = computed | far
 
-    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), f_s, scale2)
+    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), f_s, scale2, FKL)
     acc_ss = tl.sum(state[0][2] * w_s, 0)
     acc_st = tl.sum(tl.where(state[0][3] == NEG_INF_, NEG_INF_, state[0][3] * w_s), 0)
-    m_t, z_t, _ = combine_lse(state[1], f_t, tscale2)
+    m_t, z_t, _ = combine_lse(state[1], f_t, tscale2, FKL)
     m0, z0, ax0, as0 = combine_bridge(state[2], FKL)
     m1, z1, ax1, as1 = combine_bridge(state[3], FKL)
 
     r_s = tl.where(m_s == NEG_INF_, 0.0, m_s)
     r_t = tl.where(m_t == NEG_INF_, 0.0, m_t)
     if SKIP:  # candidate 0 is the teacher over its whole support (the student masks nothing)
-        m0 = tl.where(computed, m0, (r_t - f_t) * tscale2)
+        m0 = tl.where(computed, m0, frame_units(r_t, f_t, tscale2, FKL))
         z0 = tl.where(computed, z0, z_t)
     # a model that masks its whole row gives every token probability 0: lp = -inf, not NaN
     lz_s = tl.where(z_s == 0.0, float("inf"), tl.log2(z_s))
     lz_t = tl.where(z_t == 0.0, float("inf"), tl.log2(z_t))
-    off_s = (f_s - r_s) * scale2 - lz_s  # lp_S = sf + off_s (base 2)
-    off_t = (f_t - r_t) * tscale2 - lz_t
+    off_s = -(frame_units(r_s, f_s, scale2, FKL) + lz_s)  # lp_S = sf + off_s (base 2)
+    off_t = -(frame_units(r_t, f_t, tscale2, FKL) + lz_t)
     mean_s = acc_ss / z_s                # E_{p_S}[sf] in the final frame
     mean_t = acc_st / z_s                # E_{p_S}[tf]
     elp_s = tl.where(z_s == 0.0, 0.0, mean_s + off_s)  # E_{p_S}[lp_S], base 2 (0: no p_S)
@@ -335,8 +339,8 @@ def _opd_fwd_kernel(
         for start in range(0, tl.where(need, n_cols, 0), BLOCK_V):
             raw_s = load_span2(s_row, start, 0, V, s_stv, STRIDED_V, BLOCK_V)
             raw_t = load_span2(t_row, start, 0, V, t_stv, STRIDED_V, BLOCK_V)
-            sf = (raw_s - f_s) * scale2
-            x2 = bridge((raw_t - f_t) * tscale2, sf, a_c, b_c,
+            sf = frame_units(raw_s, f_s, scale2, FKL)
+            x2 = bridge(frame_units(raw_t, f_t, tscale2, FKL), sf, a_c, b_c,
                         (raw_s != NEG_INF_) & (raw_t != NEG_INF_))
             q2 = fold_bridge(q2, x2, sf, FKL, True)
         m2, z2, ax2, as2 = combine_bridge(q2, FKL)
@@ -433,10 +437,10 @@ def _grad_block(raw_s, raw_t, rs, DIVERGENCE: tl.constexpr, GUARD: tl.constexpr)
             gv = tl.where(p == 0.0, k * 0.0, p * w)
         else:
             gv = p * w
-    else:  # p - q; x has the forward's bits, so x - m_c is exact at the max
-        sf = (raw_s - f_s) * scale2
-        tf = (raw_t - f_t) * tscale2
-        p = tl.exp2((raw_s - r_s) * scale2 - lz_s)
+    else:  # p - q in the forward's frame units: x has its bits, so x - m_c is exact at the max
+        sf = frame_units(raw_s, f_s, scale2, True)
+        tf = frame_units(raw_t, f_t, tscale2, True)
+        p = tl.exp2(sf - (frame_units(r_s, f_s, scale2, True) + lz_s))
         if GUARD:
             x = bridge(tf, sf, a, b, (raw_s != float("-inf")) & (raw_t != float("-inf")))
         else:

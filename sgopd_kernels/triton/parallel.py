@@ -47,8 +47,8 @@ from ..reference import gate_lambda, sampled_delta
 from ._layout import row_layout
 from ._table import (A, B, FRAME_S, FRAME_T, LOG2Z_Q, LOG2Z_S, LOGITS_K, MAX_Q, MEAN_S, MEAN_T,
                      REF_S)
-from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, grid_lead, load_block,
-                      load_full, on_grid, row_offset, row_ptr, row_token, slot_state, tile)
+from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, frame_units, grid_lead,
+                      load_block, load_full, on_grid, row_offset, row_ptr, row_token, slot_state, tile)
 from .logits import LOG2E, _divergence, _fwd_plan, fwd_block, opd_rows_backward
 
 # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, and the largest t among the
@@ -164,12 +164,15 @@ def _bridge_fold(st, raw_s, raw_t, r_s, f_t, lz_s, coef, FKL: tl.constexpr,
                  GUARD: tl.constexpr):
     """Fold a tile into the per-slot (sum p, sum p sf, sum p tf) and the bridge's state
     (max x, sum 2^(x - max), and for forward KL its two sums), sf = (raw_s - r_s) scale2 (the
-    frame's student logit is the row's maximum), tf = (raw_t - f_t) tscale2. Without GUARD
-    nothing is sanitized: a -inf logit leaves a NaN, and the row is read again with it."""
+    frame's student logit is the row's maximum), tf = (raw_t - f_t) tscale2, in the frame
+    units the backward forms (``_common.frame_units``: for forward KL the FMA form, whose
+    shift the kernel takes out of the row's sums; ``lz_s`` holds the shift of r_s). Without
+    GUARD nothing is sanitized: a -inf logit leaves a NaN, and the row is read again with
+    it."""
     p_sum, p_sf, p_tf, q = st
     scale2, tscale2, a, b = coef
-    sf = (raw_s - r_s) * scale2
-    tf = (raw_t - f_t) * tscale2
+    sf = frame_units(raw_s, r_s, scale2, FKL)
+    tf = frame_units(raw_t, f_t, tscale2, FKL)
     p = tl.exp2(sf - lz_s)
     if GUARD:
         psf = tl.where(p == 0.0, 0.0, p * sf)
@@ -211,8 +214,13 @@ def _tp_bridge_kernel(
     n_cols = tl.where(valid, V, 0)
     tab = ROWS + row * LOGITS_K  # the single-device table (triton/_table.py)
     r_s = tl.load(tab + REF_S)
-    lz_s = tl.load(tab + LOG2Z_S)
     f_t = tl.load(tab + FRAME_T)
+    # the shifts of the frame units (0 in reverse KL's difference form; in forward KL's FMA
+    # form the rounding of r_s scale2 and of f_t tscale2): p's exponent is sf - e_s - lz_s,
+    # and the sums of sf and tf leave the kernel without them
+    e_s = frame_units(r_s, r_s, scale2, FKL)
+    e_t = frame_units(f_t, f_t, tscale2, FKL)
+    lz_s = tl.load(tab + LOG2Z_S) + e_s
     coef = (scale2, tscale2, tl.load(tab + A), tl.load(tab + B))
     neg = slot_state(BLOCK_V, float("-inf"))
     zero = slot_state(BLOCK_V, 0.0)
@@ -249,14 +257,15 @@ def _tp_bridge_kernel(
         s_row, t_row, 0, tl.where(redo, n_cols, 0), V, s_stv, t_stv, r_s, f_t, lz_s, coef, FKL,
         STRIDED_V, BLOCK_V)
     m_x, z_x, ax, a_s = combine_bridge(st[3], FKL)
+    p_sum = tl.sum(st[0], 0)
     out = OUT + row * K
     tl.store(out + 0, m_x)
     tl.store(out + 1, z_x)
     tl.store(out + 2, ax)
-    tl.store(out + 3, a_s)
-    tl.store(out + 4, tl.sum(st[0], 0))
-    tl.store(out + 5, tl.sum(st[1], 0))
-    tl.store(out + 6, tl.sum(st[2], 0))
+    tl.store(out + 3, a_s - e_s * z_x)
+    tl.store(out + 4, p_sum)
+    tl.store(out + 5, tl.sum(st[1], 0) - e_s * p_sum)
+    tl.store(out + 6, tl.sum(st[2], 0) - e_t * p_sum)
 
 
 # ---------------------------------------------------------------------------
