@@ -63,9 +63,9 @@ import triton.language as tl
 
 from .._options import Divergence
 from ._common import (SLOT, any_nan, bridge, bwd_span, combine_bridge, combine_lse, fold_bridge,
-                      fold_lse, frame_units, grid_lead, load_inside, load_inside2, load_span, load_span2,
-                      on_grid, put, row_offset, row_ptr, row_token, slot_ref, slot_state,
-                      store_span, tile2)
+                      fold_lse, frame_units, grid_lead, load_inside, load_inside2, load_span,
+                      load_span2, on_grid, put, row_offset, row_ptr, row_token, slot_ref,
+                      slot_state, store_span, tile2)
 from ._layout import RowLayout, row_layout
 from ._table import (A, B, DELTA, ENTROPY, FINITE, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S,
                      LOGITS_K, LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
@@ -654,8 +654,8 @@ def fwd_block(vocab: int, block_v, default: int) -> int:
 
 
 def stream_plan(kernel, ls, lt, vocab: int, block: int, backward: bool) -> tuple:
-    """One launch of a kernel that streams rows in blocks (logits and sampled, forward and
-    backward): (programs per row, the layout constexprs ``kernel`` takes). ``lt`` is the
+    """One launch of a kernel that streams rows in blocks (logits, sampled and top-k,
+    forward and backward): (programs per row, the layout constexprs ``kernel`` takes). ``lt`` is the
     teacher's layout, or None where the student is read alone. The constexprs: STRIDED_V,
     BLOCK_V, the shifted grid (ALIGN, and the teacher's and the gradient's rows joining it:
     :func:`shift_plan`, in forward :func:`_fwd_plan`), the int32 pairs (:func:`pairs_plan`)

@@ -48,7 +48,8 @@ from ._layout import row_layout
 from ._table import (A, B, FRAME_S, FRAME_T, LOG2Z_Q, LOG2Z_S, LOGITS_K, MAX_Q, MEAN_S, MEAN_T,
                      REF_S)
 from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, frame_units, grid_lead,
-                      load_block, load_full, on_grid, row_offset, row_ptr, row_token, slot_state, tile)
+                      load_block, load_full, on_grid, row_offset, row_ptr, row_token, slot_state,
+                      tile)
 from .logits import LOG2E, _divergence, _fwd_plan, fwd_block, opd_rows_backward
 
 # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, and the largest t among the

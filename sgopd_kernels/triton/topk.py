@@ -28,15 +28,16 @@ row of V logits. Four kernels, each with its launcher below:
 3. ``_topk_bwd_kernel``, a 2-D grid over (row, a few vocabulary blocks): re-reads
    the student's logits and writes ``p_S,v alpha_tail / tau`` (the tail's
    coefficient) times the row's incoming gradient, everywhere, the row's
-   conditions folded into one scalar.
+   conditions folded into two scalars (the coefficient, and the value where
+   p_S is 0: 0, or NaN for a NaN row).
+4. ``_topk_bwd_slots_kernel``, one program per row, after (3): overwrites the
+   gradient at the k ids (and at y with its own category) with the categories'
+   own values.
 
 Kernels (1) and (3) stream the grid of ``_common.grid_lead``: rows whose starts
 are not 16-byte aligned (V = 50257) are read on a grid shifted back to a 16-byte
 boundary, so that the blocks inside the row keep their 128-bit loads and
 stores.
-4. ``_topk_bwd_slots_kernel``, one program per row, after (3): overwrites the
-   gradient at the k ids (and at y with its own category) with the categories'
-   own values.
 
 Traffic: the student's logits are read once in forward (plus k gathered values)
 and once in backward, which writes the gradient; the teacher side is O(rows k).
