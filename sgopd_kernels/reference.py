@@ -44,12 +44,21 @@ def _xmul(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p * torch.where(p == 0, torch.zeros_like(x), x)
 
 
-def log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dimension; a row that is -inf everywhere stays -inf.
+def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax of ``x / temperature`` over the last dimension; a row that is -inf
+    everywhere stays -inf.
 
     (torch.log_softmax gives NaN there: -inf - -inf.) Such a row is a distribution with no
     support: it gives every token probability 0, so it never creates NaN by itself.
+
+    Centred on the row's maximum before the temperature divides it: ``x - logsumexp(x)``
+    would round away the log of the row's sum where the logits are large (a row held near
+    -1e15, or near 2^16 in float32: a uniform row would get log-probabilities of 0), and
+    ``x / temperature`` would overflow a row held near the largest float at a temperature
+    below 1.
     """
+    m = x.detach().amax(dim=-1, keepdim=True)
+    x = (x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))) / temperature
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     return torch.where(lse == NEG_INF, torch.full_like(x, NEG_INF), x - lse)
 
@@ -133,8 +142,8 @@ def bridge_terms(s_logits, t_logits, tokens, sign, opts: RowOptions) -> dict:
     ``q`` and the gate use the detached student log-probabilities. Masked rows
     give loss 0. Inputs are used in their own dtype (the caller upcasts).
     """
-    lp_s = log_softmax(s_logits / opts.temperature)
-    lp_t = log_softmax(t_logits / opts.teacher_temperature)
+    lp_s = log_softmax(s_logits, opts.temperature)
+    lp_t = log_softmax(t_logits, opts.teacher_temperature)
     lp_s_d = lp_s.detach()
     p_s = lp_s_d.exp()
 
@@ -221,8 +230,8 @@ def opd_grad_logprobs(lp_s, lp_t, a, b, opts: RowOptions, *, e_p=None, log_z_q=N
 
 def opd_grad_chunk(s_logits, t_logits, a, b, opts: RowOptions):
     """Closed-form d loss / d student logits for one chunk (docs/math.md)."""
-    return opd_grad_logprobs(log_softmax(s_logits / opts.temperature),
-                             log_softmax(t_logits / opts.teacher_temperature), a.unsqueeze(-1),
+    return opd_grad_logprobs(log_softmax(s_logits, opts.temperature),
+                             log_softmax(t_logits, opts.teacher_temperature), a.unsqueeze(-1),
                              b.unsqueeze(-1), opts)
 
 
@@ -248,7 +257,7 @@ def opd_rows_backward(grad_rows, student, teacher, tokens, rows, opts: RowOption
 
 def sampled_terms(s_logits, teacher_logprobs, tokens, sign, opts: RowOptions) -> dict:
     """Per-row quantities of the sampled estimator; differentiable in s_logits."""
-    lp_s = log_softmax(s_logits / opts.temperature)
+    lp_s = log_softmax(s_logits, opts.temperature)
     valid = tokens != opts.ignore_index
     y = torch.where(valid, tokens, torch.zeros_like(tokens)).unsqueeze(-1)
     lp_s_y = lp_s.gather(-1, y).squeeze(-1)
@@ -285,7 +294,7 @@ def sampled_rows_backward(grad_rows, student, teacher_logprobs, tokens, rows, op
     valid = tokens != opts.ignore_index
     tau = opts.temperature
     for sl in _chunks(n, vocab):
-        p = log_softmax(student[sl].to(cdt) / tau).exp()
+        p = log_softmax(student[sl].to(cdt), tau).exp()
         y = torch.where(valid[sl], tokens[sl], torch.zeros_like(tokens[sl]))
         onehot = torch.zeros_like(p).scatter_(-1, y.unsqueeze(-1), 1.0)
         adv = rows[sl, C.ADV].to(cdt).unsqueeze(-1)
@@ -400,7 +409,7 @@ def topk_bridge(cat_s, cat_t, cat_y, sign, opts: RowOptions):
 def topk_terms(s_logits, ids, tlp, ttl, tokens, sign, opts: RowOptions) -> dict:
     """All per-row quantities of the top-k loss for one chunk of rows; differentiable in
     ``s_logits`` as the spec's loss is (the target and the gate use the detached student)."""
-    lp_s = log_softmax(s_logits / opts.temperature)
+    lp_s = log_softmax(s_logits, opts.temperature)
     valid = tokens != opts.ignore_index
     present, own, cat_y = topk_membership(ids, tokens, ttl is not None, opts.ignore_index)
     cat_s = topk_student_categories(lp_s, ids, tokens, present, own)
@@ -551,7 +560,7 @@ def topk_rows_backward(grad_rows, student, ids, tlp, ttl, tokens, rows, opts: Ro
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     valid = tokens != opts.ignore_index
     for sl in _chunks(n, vocab):
-        lp_s = log_softmax(student[sl].to(cdt) / opts.temperature)
+        lp_s = log_softmax(student[sl].to(cdt), opts.temperature)
         t_sl = None if ttl is None else ttl[sl].to(cdt)
         present, own, _ = topk_membership(ids[sl], tokens[sl], ttl is not None,
                                           opts.ignore_index)

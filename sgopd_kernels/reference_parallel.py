@@ -25,13 +25,20 @@ from .reference import (TOPK_DTYPE, _as_rows, _chunks, _compute_dtype, _xmul, br
 
 NEG_INF = float("-inf")
 
-# this path's private columns of the logits family's table (natural units, scaled logits)
-LSE_S = C.PRIVATE["logits"]  # log Z_S of s = z_S / tau
-LSE_T = LSE_S + 1            # log Z_T of t = z_T / tau_T
+# this path's private columns of the logits family's table (natural units). Logits are
+# taken against their row's raw maximum before the temperature divides them, s = (z_S -
+# M_S) / tau, as the single-device reference does: z / tau - (m + log Z) would round log Z
+# away in a row held near a huge constant, and z / tau could overflow.
+LSE_S = C.PRIVATE["logits"]  # log Z_S = log sum e^s, s = (z_S - M_S) / tau
+LSE_T = LSE_S + 1            # log Z_T = log sum e^t, t = (z_T - M_T) / tau_T
 LOG_Z_Q = LSE_S + 2          # log Z_q = L_q
 E_P = LSE_S + 3              # E_{p_S}[u] (reverse KL) or E_{p_S}[h] (JSD)
+M_S = LSE_S + 4              # the row maximum of the raw z_S (0 where it is not finite)
+M_T = LSE_S + 5              # ... of z_T
 # and of the sampled family's
-S_LSE = C.PRIVATE["sampled"]  # log Z_S
+S_LSE = C.PRIVATE["sampled"]  # log Z_S = log sum e^((z_S - S_M) / tau)
+S_M = S_LSE + 1               # the row maximum of the raw z_S (0 where it is not finite)
+assert M_T < C.WIDTH["logits"] and S_M < C.WIDTH["sampled"]
 # and of the top-k family's
 K_LSE_S = C.PRIVATE["topk"]  # log Z_S of s = z_S / tau
 K_LOG_ZQ = K_LSE_S + 1       # log Z_q over the categories
@@ -67,25 +74,28 @@ def opd_rows_parallel(student, teacher, tokens, sign, opts, group):
     valid = tokens != opts.ignore_index
     own, col = _owned(tokens, shard_start(vl, group), vl, opts.ignore_index)
 
+    # round 1: the raw row maxima of both models
+    m = torch.empty(n, 2, dtype=cdt, device=s.device)
+    for sl in _chunks(n, vl):
+        m[sl] = torch.stack([s[sl].to(cdt).amax(-1), t[sl].to(cdt).amax(-1)], -1)
+    m = all_reduce(m, dist.ReduceOp.MAX, group)
+    m_s, m_t = finite(m[:, 0]), finite(m[:, 1])
+
     def chunks(fn, width):
+        """fn(rows, s, t) over the chunks of rows, s and t scaled against the maxima."""
         out = torch.empty(n, width, dtype=cdt, device=s.device)
         for sl in _chunks(n, vl):
-            out[sl] = fn(sl, s[sl].to(cdt) / opts.temperature,
-                         t[sl].to(cdt) / opts.teacher_temperature)
+            out[sl] = fn(sl, (s[sl].to(cdt) - m_s[sl, None]) / opts.temperature,
+                         (t[sl].to(cdt) - m_t[sl, None]) / opts.teacher_temperature)
         return out
-
-    # round 1: the row maxima of both models
-    m = all_reduce(chunks(lambda sl, zs, zt: torch.stack(
-        [zs.amax(-1), zt.amax(-1)], -1), 2), dist.ReduceOp.MAX, group)
-    m_s, m_t = finite(m[:, 0]), finite(m[:, 1])
 
     # round 2: the normalizers and the sampled token's scaled logits (from its owner)
     r2 = all_reduce(chunks(lambda sl, zs, zt: torch.stack([
-        (zs - m_s[sl, None]).exp().sum(-1), (zt - m_t[sl, None]).exp().sum(-1),
+        zs.exp().sum(-1), zt.exp().sum(-1),
         _gather_owned(zs, own[sl], col[sl]), _gather_owned(zt, own[sl], col[sl])], -1), 4),
         dist.ReduceOp.SUM, group)
-    lse_s = log_total(m_s, r2[:, 0])
-    lse_t = log_total(m_t, r2[:, 1])
+    lse_s = log_total(torch.zeros_like(m_s), r2[:, 0])  # (+inf for an empty row: lp = -inf)
+    lse_t = log_total(torch.zeros_like(m_t), r2[:, 1])
     delta = sampled_delta(r2[:, 3] - lse_t, r2[:, 2] - lse_s)
     lam, g = gate_lambda(delta, None if sign is None else sign.to(cdt), opts.lam_pos,
                          opts.lam_neg)
@@ -137,6 +147,7 @@ def opd_rows_parallel(student, teacher, tokens, sign, opts, group):
         out[:, c] = torch.where(valid, v, zero)
     out[:, C.A], out[:, C.B] = a, b
     out[:, LSE_S], out[:, LSE_T], out[:, LOG_Z_Q], out[:, E_P] = lse_s, lse_t, log_z_q, e_p
+    out[:, M_S], out[:, M_T] = m_s, m_t
     return out
 
 
@@ -151,8 +162,10 @@ def opd_rows_parallel_backward(grad_rows, student, teacher, tokens, rows, opts, 
     valid = (tokens != opts.ignore_index).unsqueeze(-1)
     for sl in _chunks(n, vl):
         r = rows[sl].to(cdt)
-        gv = opd_grad_logprobs(s[sl].to(cdt) / opts.temperature - r[:, LSE_S, None],
-                               t[sl].to(cdt) / opts.teacher_temperature - r[:, LSE_T, None],
+        gv = opd_grad_logprobs((s[sl].to(cdt) - r[:, M_S, None]) / opts.temperature
+                               - r[:, LSE_S, None],
+                               (t[sl].to(cdt) - r[:, M_T, None]) / opts.teacher_temperature
+                               - r[:, LSE_T, None],
                                r[:, C.A, None], r[:, C.B, None], opts, e_p=r[:, E_P, None],
                                log_z_q=r[:, LOG_Z_Q, None])
         gv = gv * grad_rows[sl].to(cdt).unsqueeze(-1)
@@ -161,7 +174,8 @@ def opd_rows_parallel_backward(grad_rows, student, teacher, tokens, rows, opts, 
 
 
 def sampled_rows_parallel(student, teacher_logprobs, tokens, sign, opts, group):
-    """The table (N, WIDTH["sampled"]); column S_LSE holds log Z_S for the backward."""
+    """The table (N, WIDTH["sampled"]); columns S_LSE and S_M hold log Z_S and the row
+    maximum for the backward."""
     _check(student, tokens, opts, group)
     s = _as_rows(student)
     n, vl = s.shape
@@ -170,11 +184,11 @@ def sampled_rows_parallel(student, teacher_logprobs, tokens, sign, opts, group):
     own, col = _owned(tokens, shard_start(vl, group), vl, opts.ignore_index)
     m = torch.empty(n, 1, dtype=cdt, device=s.device)
     for sl in _chunks(n, vl):
-        m[sl, 0] = (s[sl].to(cdt) / opts.temperature).amax(-1)
+        m[sl, 0] = s[sl].to(cdt).amax(-1)
     m_s = finite(all_reduce(m, dist.ReduceOp.MAX, group)[:, 0])
     r = torch.empty(n, 3, dtype=cdt, device=s.device)
     for sl in _chunks(n, vl):
-        zc = s[sl].to(cdt) / opts.temperature - m_s[sl, None]
+        zc = (s[sl].to(cdt) - m_s[sl, None]) / opts.temperature
         e = zc.exp()
         r[sl] = torch.stack([e.sum(-1), _xmul(e, zc).sum(-1),
                              _gather_owned(zc, own[sl], col[sl])], -1)
@@ -192,7 +206,7 @@ def sampled_rows_parallel(student, teacher_logprobs, tokens, sign, opts, group):
     for c, v in ((C.LOSS, -_xmul(adv, lp_s_y)), (C.DELTA, delta), (C.GATE, g),
                  (C.TEACHER_KL, -delta), (C.ENTROPY, entropy), (C.ADV, adv)):
         out[:, c] = torch.where(valid, v, zero)
-    out[:, S_LSE] = m_s + log_z
+    out[:, S_LSE], out[:, S_M] = log_z, m_s
     return out
 
 
@@ -208,7 +222,8 @@ def sampled_rows_parallel_backward(grad_rows, student, teacher_logprobs, tokens,
     valid = (tokens != opts.ignore_index).unsqueeze(-1)
     tau = opts.temperature
     for sl in _chunks(n, vl):
-        p = (s[sl].to(cdt) / tau - rows[sl, S_LSE, None].to(cdt)).exp()
+        p = ((s[sl].to(cdt) - rows[sl, S_M, None].to(cdt)) / tau
+             - rows[sl, S_LSE, None].to(cdt)).exp()
         onehot = torch.zeros_like(p).scatter_(-1, col[sl], 1.0) * own[sl, None].to(cdt)
         adv = rows[sl, C.ADV, None].to(cdt)
         gv = -(adv / tau) * (onehot - p) * grad_rows[sl].to(cdt).unsqueeze(-1)

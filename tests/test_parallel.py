@@ -34,6 +34,11 @@ CASES = [
     # shards), one of them where the student's probability underflows to 0
     dict(masked_teacher=True, return_stats=True),
     dict(masked_teacher=True, divergence="forward_kl", verifier="bool", return_stats=True),
+    # rows held near huge constants (forward KL's kernels read them in the difference form)
+    dict(held_near_huge=True, divergence="forward_kl", verifier="bool", temperature=0.7,
+         return_stats=True),
+    dict(held_near_huge=True, verifier="float", reduction="none"),
+    dict(held_near_huge=True, divergence="jsd", verifier="bool", reduction="none"),
 ]
 
 
@@ -62,6 +67,21 @@ def _case(s, t, tok, gen, opts):
         t[..., 18::11] = float("-inf")
         if s.shape[-1] > 18:
             s[0, 1, 18] = -200.0  # p_S underflows there: 0 * -inf unguarded
+    if opts.pop("held_near_huge", False):  # (the loss sees only differences within a row)
+        s = s.clone()
+        t = t.clone()
+        t[0, 1] = -1e15                   # a uniform teacher
+        s[1, 0] = 1e15                    # a uniform student
+        if opts.get("divergence") == "forward_kl":
+            # a one-hot teacher, on rank 0 (reverse KL would be about 1e8 there, and the
+            # float32 reference's gradient loses 1e-3 of it to cancellation)
+            t[1, 3] = -1e15
+            t[1, 3, 2] += 2.0 ** 27
+            # a teacher that holds the student's best token at -1e15 (the frame's teacher
+            # logit, where the shards centre the teacher)
+            t[0, 3, s[0, 3].argmax()] = -1e15
+        s[0, 2] += 2.0 ** 21              # both past 2^20 (the limit of the FMA form)
+        t[0, 2] -= 2.0 ** 21
     if opts.pop("masked_vocab", False):  # -inf in both models, on every shard
         s = s.clone()
         t = t.clone()

@@ -181,6 +181,40 @@ def test_masked_vocabulary_entries(divergence):
     assert_close(loss[1:2], sub, rtol=1e-12, atol=1e-14, what="masked row")
 
 
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_held_near_huge_constants(divergence, dtype):
+    """The loss depends only on differences within a row: rows held near -1e15, near the
+    largest float (at tau < 1, where z / tau would overflow), or one-hot 2^27 above -1e15
+    give the loss and gradient of the same rows with their maxima subtracted. Computing
+    log p as z - logsumexp(z) rounds log Z away there (a uniform row got lp = 0)."""
+    s, t, y = _inputs(shape=(6,), vocab=23, vocab_t=23, seed=12, dtype=dtype)
+    big = torch.finfo(torch.float32)
+    t[0] = -1e15
+    s[1] = 1e15
+    t[2] = big.max
+    s[3] = big.min / 2
+    t[4] = -1e15
+    t[4, 5] = -1e15 + 2.0 ** 27
+    y[4] = 5
+    ver = torch.tensor([True, False, True, False, True, True])
+    kw = dict(beta=0.2, divergence=divergence, temperature=0.7, reduction="none",
+              backend="torch")
+
+    def run(s, t):
+        x = s.clone().requires_grad_(True)
+        loss = sk.gated_opd_loss(x, t, y, ver, **kw)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        return loss.detach(), g
+
+    loss, g = run(s, t)
+    want, g_want = run(s - s.amax(-1, keepdim=True), t - t.amax(-1, keepdim=True))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.isfinite(loss).all()
+    assert_close(loss, want, rtol=tol, atol=tol, what="loss")
+    assert_close(g, g_want, rtol=tol, atol=tol, what="grad")
+
+
 def test_teacher_masks_student_mass_reverse_kl_is_inf():
     s, t, y = _inputs(shape=(3,), vocab=9, vocab_t=9, seed=8)
     t[1, 4] = float("-inf")

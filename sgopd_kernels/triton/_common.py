@@ -34,6 +34,11 @@ import triton.language as tl
 NEG_INF = tl.constexpr(float("-inf"))
 # logits per slot: 8 bfloat16 logits are one 128-bit load
 SLOT = tl.constexpr(8)
+# the forms of frame units (frame_units)
+DIFF = tl.constexpr(0)
+FMA = tl.constexpr(1)
+ROW = tl.constexpr(2)
+FMA_LIMIT = tl.constexpr(1048576.0)  # 2^20: |f scale| of a frame that takes FMA (fma_frames)
 
 
 @triton.jit
@@ -246,18 +251,30 @@ def online(raw, m, z, scale2):
 
 
 @triton.jit
-def frame_units(raw, f, scale, FMA: tl.constexpr):
+def frame_units(raw, f, scale, FORM: tl.constexpr):
     """A raw logit (or a maximum) in the units of a frame ``f``: ``(raw - f) scale``.
 
-    With ``FMA`` it is formed in one instruction, ``fma(raw, scale, -(f scale))``, one
-    rounding of the exact ``raw scale - round(f scale)``: the value differs from
-    ``(raw - f) scale`` by the rounding of ``f scale``, a shift common to every logit of
-    the row. A kernel that forms its elements, its slots' maxima and its row's maximum in
-    the same form sees the shift cancel from every probability and every expectation
-    against ``-(C + log2 Z)``, and a backward that forms them as its forward did gets the
-    forward's bits. -inf, +inf and NaN map to themselves in both forms.
+    ``FORM`` says how it is formed:
+
+    - ``DIFF``: ``(raw - f) scale``, exact up to one rounding of the result;
+    - ``FMA``: in one instruction, ``fma(raw, scale, -(f scale))``, one rounding of the
+      exact ``raw scale - round(f scale)``. The value differs from ``(raw - f) scale`` by
+      the rounding of ``f scale``, a shift common to every logit of the row, of up to
+      2^-24 |f scale|. A kernel that forms its elements, its slots' maxima and its row's
+      maximum in the same form sees the shift cancel from every probability and every
+      expectation against ``-(C + log2 Z)``. The shift is absolute: a row whose frame is
+      large (:func:`fma_frames`) would carry it at the size of its logits' differences;
+    - ``ROW``: the row's choice between the two, ``f = (g, G)`` from :func:`row_frame`,
+      formed as ``fma(raw - g, scale, -G)``: the bits of ``FMA`` (g = 0, G = f scale) or of
+      ``DIFF`` (g = f, G = 0), one instruction more than ``FMA``.
+
+    A backward that forms them as its forward did gets the forward's bits. -inf, +inf and
+    NaN map to themselves in every form.
     """
-    if FMA:
+    if FORM == ROW:
+        g, G = f
+        u = tl.fma(raw - g, scale, -G)
+    elif FORM == FMA:
         u = tl.fma(raw, scale, -(f * scale))
     else:
         u = (raw - f) * scale
@@ -265,11 +282,30 @@ def frame_units(raw, f, scale, FMA: tl.constexpr):
 
 
 @triton.jit
-def slot_ref(m, raw, f, scale, GUARD: tl.constexpr, FMA: tl.constexpr = False):
+def fma_frames(f_s, f_t, scale2, tscale2):
+    """Whether a row with frames ``f_s`` and ``f_t`` takes ``FMA`` frame units: while both
+    |f scale| < 2^20, the shift of that form stays below 2^-5 base-2 units, so a logit's
+    frame units carry an absolute rounding of at most 2^-29 where they are near 0 (and
+    their relative one elsewhere), as does the bridge that mixes both models' units. A
+    frame of -1e15 (a model that holds its row near a huge constant) would carry a shift of
+    up to 10^8 units, and one of -3e38 overflows: such rows take ``DIFF``, exact there (as
+    do rows with an infinite or NaN frame, whatever their values)."""
+    return (tl.abs(f_s * scale2) < FMA_LIMIT) & (tl.abs(f_t * tscale2) < FMA_LIMIT)
+
+
+@triton.jit
+def row_frame(f, scale, fma):
+    """The frame ``(g, G)`` of ``ROW`` frame units: ``FMA``'s where ``fma`` (a row scalar),
+    ``DIFF``'s elsewhere (:func:`frame_units`)."""
+    return tl.where(fma, 0.0, f), tl.where(fma, f * scale, 0.0)
+
+
+@triton.jit
+def slot_ref(m, raw, f, scale, GUARD: tl.constexpr, FORM: tl.constexpr = DIFF):
     """Move each slot's raw running max ``m`` over a tile ``raw``.
 
     Returns the new max, its value in frame units ``c`` (:func:`frame_units` in the form
-    ``FMA`` that the caller's elements take: the exponent of an element is its frame units
+    ``FORM`` that the caller's elements take: the exponent of an element is its frame units
     minus c, 0 at the max) and the factor that rescales the slot's old sums. With ``GUARD``
     an empty slot (max -inf) has c = the frame units of 0, its sums 0. Without it an old
     max of -inf still gives the factor 0 (2^-inf), but a slot still empty after the tile
@@ -278,32 +314,35 @@ def slot_ref(m, raw, f, scale, GUARD: tl.constexpr, FMA: tl.constexpr = False):
     """
     nm = tl.maximum(m, tl.max(raw, 1))
     if GUARD:
-        c = frame_units(tl.where(nm == float("-inf"), 0.0, nm), f, scale, FMA)
-        al = tl.exp2(tl.where(m == float("-inf"), 0.0, frame_units(m, f, scale, FMA) - c))
+        # (c is also that of 0 where the max's frame units overflow to -inf: -3e38 against
+        # a frame of ordinary logits, so that its elements give 2^-inf = 0, not NaN)
+        c = frame_units(tl.where(nm == float("-inf"), 0.0, nm), f, scale, FORM)
+        c = tl.where(c == float("-inf"), frame_units(0.0, f, scale, FORM), c)
+        al = tl.exp2(tl.where(m == float("-inf"), 0.0, frame_units(m, f, scale, FORM) - c))
     else:
-        c = frame_units(nm, f, scale, FMA)
-        al = tl.exp2(frame_units(m, f, scale, FMA) - c)
+        c = frame_units(nm, f, scale, FORM)
+        al = tl.exp2(frame_units(m, f, scale, FORM) - c)
     return nm, c, al
 
 
 @triton.jit
-def fold_lse(st, raw, xf, f, scale, GUARD: tl.constexpr, FMA: tl.constexpr = False):
+def fold_lse(st, raw, xf, f, scale, GUARD: tl.constexpr, FORM: tl.constexpr = DIFF):
     """The online fold of one model, parametrized by its scale: st = (raw max, sum 2^(xf - c))
     per slot, where ``xf`` is the tile in frame units (:func:`frame_units` in the form
-    ``FMA``; ``GUARD``: see :func:`slot_ref`)."""
+    ``FORM``; ``GUARD``: see :func:`slot_ref`)."""
     m, z = st
-    nm, c, al = slot_ref(m, raw, f, scale, GUARD, FMA)
+    nm, c, al = slot_ref(m, raw, f, scale, GUARD, FORM)
     return nm, z * al + tl.sum(tl.exp2(xf - c[:, None]), 1)
 
 
 @triton.jit
-def combine_lse(st, f, scale, FMA: tl.constexpr = False):
+def combine_lse(st, f, scale, FORM: tl.constexpr = DIFF):
     """Across slots: the row's (raw max, sum 2^(xf - C)) and each slot's weight 2^(c - C)
-    (frame units in the form ``FMA``)."""
+    (frame units in the form ``FORM``)."""
     m, z = st
     M = tl.max(m, 0)
-    C = frame_units(tl.where(M == float("-inf"), 0.0, M), f, scale, FMA)
-    c = frame_units(tl.where(m == float("-inf"), 0.0, m), f, scale, FMA)
+    C = frame_units(tl.where(M == float("-inf"), 0.0, M), f, scale, FORM)
+    c = frame_units(tl.where(m == float("-inf"), 0.0, m), f, scale, FORM)
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(c - C))
     return M, tl.sum(z * w, 0), w
 
@@ -333,14 +372,20 @@ def fold_bridge(st, x, sf, FKL: tl.constexpr, GUARD: tl.constexpr):
         else:
             sx = tl.sum(e * xr, 1)
             ss = tl.sum(e * sf, 1)
-        ax = (ax + dm * z) * al + sx
-        a_s = a_s * al + ss
+        if GUARD:  # (sums whose factor is 0 drop out, even where they overflowed)
+            ax = tl.where(al == 0.0, 0.0, (ax + dm * z) * al) + sx
+            a_s = tl.where(al == 0.0, 0.0, a_s * al) + ss
+        else:
+            ax = (ax + dm * z) * al + sx
+            a_s = a_s * al + ss
     return nm, z * al + tl.sum(e, 1), ax, a_s
 
 
 @triton.jit
 def combine_bridge(st, FKL: tl.constexpr):
-    """Across slots: the row's (max x, sum 2^(x - max), and the forward-KL sums)."""
+    """Across slots: the row's (max x, sum 2^(x - max), and the forward-KL sums). A slot of
+    weight 0 adds nothing: its sums may have overflowed (16 logits of -3e38 in a row whose
+    mass lies elsewhere: 2^0 sf, summed against the slot's own maximum, is -inf there)."""
     m, z, ax, a_s = st
     M = tl.max(m, 0)
     ref = tl.where(M == float("-inf"), 0.0, M)
@@ -348,8 +393,8 @@ def combine_bridge(st, FKL: tl.constexpr):
     w = tl.exp2(dm)
     Z = tl.sum(z * w, 0)
     if FKL:
-        AX = tl.sum((ax + dm * z) * w, 0)
-        AS = tl.sum(a_s * w, 0)
+        AX = tl.sum(tl.where(w == 0.0, 0.0, (ax + dm * z) * w), 0)
+        AS = tl.sum(tl.where(w == 0.0, 0.0, a_s * w), 0)
     else:
         AX = Z * 0.0
         AS = Z * 0.0

@@ -31,8 +31,10 @@ REF_S = tl.constexpr(_P)          # the row max of the raw student logits
 LOG2Z_S = tl.constexpr(_P + 1)    # log2 sum 2^((z_S - REF_S) scale2)
 FRAME_S = tl.constexpr(_P + 2)    # the fixed frame of the raw student logits
 FRAME_T = tl.constexpr(_P + 3)    # ... and of the teacher's (each 0 where it would be -inf)
-MEAN_S = tl.constexpr(_P + 4)     # E_{p_S}[(z_S - FRAME_S) scale2]
-MEAN_T = tl.constexpr(_P + 5)     # E_{p_S}[(z_T - FRAME_T) tscale2]
+MEAN_S = tl.constexpr(_P + 4)     # E_{p_S}[(z_S - FRAME_S) scale2] in the row's frame units
+MEAN_T = tl.constexpr(_P + 5)     # E_{p_S}[(z_T - FRAME_T) tscale2] (_common.frame_units: a
+                                  # forward-KL row in FMA form includes that form's shift; the
+                                  # vocabulary-parallel table's means do not)
 MAX_Q = tl.constexpr(_P + 6)      # max over the support of x = a tf + b sf
 LOG2Z_Q = tl.constexpr(_P + 7)    # log2 sum 2^(x - MAX_Q)
 FINITE = tl.constexpr(_P + 8)     # BLOCK_V SLOT + lead where the forward's unguarded full

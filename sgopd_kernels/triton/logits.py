@@ -21,7 +21,9 @@ the student's probability sit near it, small and exact. Maxima
 are kept in raw logit units; an element's one exponent is ``sf - c`` with
 ``sf = (raw - f_s) * scale2`` and ``c`` the slot's max in the same units
 (forward KL forms both as ``fma(raw, scale2, -f_s scale2)``, one instruction
-instead of two: ``_common.frame_units``; its backward forms them alike).
+instead of two: ``_common.frame_units``; its backward forms them alike. A row
+whose frames are too large for that form, ``_common.fma_frames``, skips its
+full blocks and is read again in the difference form).
 
 The state is kept per slot of a [BLOCK_V // 16, 16] tile (``_common.tile2``:
 each thread holds 8 consecutive logits of each half of the block and keeps
@@ -44,7 +46,8 @@ whose verifier has a verdict but whose delta is exactly 0 needs the lambda = 1
 candidate that was not carried: it reads its row a second time (a rare case;
 the loop is empty for every other row). So does a row whose student-weighted
 means land more than 16 (base-2 units) from the frame: it reads itself again
-centred on those means.
+centred on those means (on that model's row maximum where a mean is 2^20 or
+more, or not finite: a frame token held at a huge constant).
 
 Backward: a 2-D grid over (row, group of ``BLOCKS`` vocabulary blocks) that
 re-reads the logits and writes the gradient from the saved row state (loaded
@@ -62,10 +65,10 @@ import triton
 import triton.language as tl
 
 from .._options import Divergence
-from ._common import (SLOT, any_nan, bridge, bwd_span, combine_bridge, combine_lse, fold_bridge,
-                      fold_lse, frame_units, grid_lead, load_inside, load_inside2, load_span,
-                      load_span2, on_grid, put, row_offset, row_ptr, row_token, slot_ref,
-                      slot_state, store_span, tile2)
+from ._common import (DIFF, FMA, ROW, SLOT, any_nan, bridge, bwd_span, combine_bridge, combine_lse,
+                      fma_frames, fold_bridge, fold_lse, frame_units, grid_lead, load_inside,
+                      load_inside2, load_span, load_span2, on_grid, put, row_frame, row_offset,
+                      row_ptr, row_token, slot_ref, slot_state, store_span, tile2)
 from ._layout import RowLayout, row_layout
 from ._table import (A, B, DELTA, ENTROPY, FINITE, FRAME_S, FRAME_T, GATE, LOG2Z_Q, LOG2Z_S,
                      LOGITS_K, LOSS, MAX_Q, MEAN_S, MEAN_T, REF_S, TEACHER_KL)
@@ -80,42 +83,47 @@ RKL = tl.constexpr(int(Divergence.REVERSE_KL))
 
 
 @triton.jit
-def _fold_student(st, raw_s, sf, tf, f_s, scale2, GUARD: tl.constexpr, FMA: tl.constexpr):
+def _fold_student(st, raw_s, sf, tf, f_s, scale2, GUARD: tl.constexpr, FORM: tl.constexpr):
     """st = per slot (raw max, sum 2^(sf - c), sum 2^(sf - c) sf, sum 2^(sf - c) tf)."""
     m, z, acc_ss, acc_st = st
-    nm, c, al = slot_ref(m, raw_s, f_s, scale2, GUARD, FMA)
+    nm, c, al = slot_ref(m, raw_s, f_s, scale2, GUARD, FORM)
     e = tl.exp2(sf - c[:, None])  # the element's one exponent
     if GUARD:
         ps = tl.where(e == 0.0, 0.0, e * sf)
         pt = tl.where(e == 0.0, 0.0, e * tf)
-        # a -inf sum (the teacher masks a token the student weights) stays -inf
+        # a -inf sum (the teacher masks a token the student weights) stays -inf; a sum of sf
+        # whose factor is 0 drops out, even where it overflowed (logits of -3e38 beside
+        # ordinary ones, before the frame moves to the ordinary ones)
         acc_st = tl.where(acc_st == float("-inf"), float("-inf"), acc_st * al)
+        acc_ss = tl.where(al == 0.0, 0.0, acc_ss * al)
     else:  # (-inf * al is -inf, or NaN where al is 0: a NaN means a guarded re-read)
         ps = e * sf
         pt = e * tf
         acc_st = acc_st * al
+        acc_ss = acc_ss * al
     acc_st = acc_st + tl.sum(pt, 1)
-    return nm, z * al + tl.sum(e, 1), acc_ss * al + tl.sum(ps, 1), acc_st
+    return nm, z * al + tl.sum(e, 1), acc_ss + tl.sum(ps, 1), acc_st
 
 
 @triton.jit
 def _fold(state, raw_s, raw_t, frame, coef, HAS_GATE: tl.constexpr, FKL: tl.constexpr,
-          SKIP_BRIDGE: tl.constexpr, GUARD: tl.constexpr):
+          SKIP_BRIDGE: tl.constexpr, GUARD: tl.constexpr, FORM: tl.constexpr):
     """Fold one tile of raw student and teacher logits into the row's per-slot state.
 
     state = (student, teacher, candidate 0, candidate 1); frame = (f_s, f_t, scale2,
-    tscale2); coef = (a0, b0, a1, b1). SKIP_BRIDGE: candidate 0 is the teacher
-    (no gate, beta = 0), taken from the teacher's state after the pass.
+    tscale2), each f the frame of frame units in the form ``FORM`` (_common.frame_units);
+    coef = (a0, b0, a1, b1). SKIP_BRIDGE: candidate 0 is the teacher (no gate, beta = 0),
+    taken from the teacher's state after the pass.
     """
     st_s, st_t, q0, q1 = state
     f_s, f_t, scale2, tscale2 = frame
     a0, b0, a1, b1 = coef
-    # (forward KL: frame units in one FMA; reverse KL's backward takes the exact
-    # differences raw - f against the forward's means, and keeps the difference form)
-    sf = frame_units(raw_s, f_s, scale2, FKL)
-    tf = frame_units(raw_t, f_t, tscale2, FKL)
-    st_s = _fold_student(st_s, raw_s, sf, tf, f_s, scale2, GUARD, FKL)
-    st_t = fold_lse(st_t, raw_t, tf, f_t, tscale2, GUARD, FKL)
+    # (forward KL: frame units in one FMA where the row allows it; reverse KL's backward
+    # takes the exact differences raw - f against the forward's means, and keeps DIFF)
+    sf = frame_units(raw_s, f_s, scale2, FORM)
+    tf = frame_units(raw_t, f_t, tscale2, FORM)
+    st_s = _fold_student(st_s, raw_s, sf, tf, f_s, scale2, GUARD, FORM)
+    st_t = fold_lse(st_t, raw_t, tf, f_t, tscale2, GUARD, FORM)
     if GUARD:
         support = (raw_s != float("-inf")) & (raw_t != float("-inf"))
         if not SKIP_BRIDGE:
@@ -139,12 +147,13 @@ def _empty_state(BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _reread(state, s_row, t_row, n, V, s_stv, t_stv, frame, coef, HAS_GATE: tl.constexpr,
-            FKL: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
+            FKL: tl.constexpr, FORM: tl.constexpr, STRIDED_V: tl.constexpr,
+            BLOCK_V: tl.constexpr):
     """Fold the row's first ``n`` columns (0 or all of them) with every guard."""
     for start in range(0, n, BLOCK_V):
         state = _fold(state, load_span2(s_row, start, 0, V, s_stv, STRIDED_V, BLOCK_V),
                       load_span2(t_row, start, 0, V, t_stv, STRIDED_V, BLOCK_V), frame, coef,
-                      HAS_GATE, FKL, False, True)
+                      HAS_GATE, FKL, False, True, FORM)
     return state
 
 
@@ -183,7 +192,13 @@ def _opd_fwd_kernel(
     NEG_INF_: tl.constexpr = float("-inf")
     LN2_: tl.constexpr = 0.6931471805599453
     FRAME_TOL: tl.constexpr = 16.0  # base-2 units, about 11 nats
+    FRAME_JUMP: tl.constexpr = 1048576.0  # 2^20 base-2 units: a mean rounded by 2^-4 or more
     FKL: tl.constexpr = DIVERGENCE != RKL
+    # frame units (_common.frame_units): forward KL streams its row in FMA form, and reads
+    # again in the row's form (ROW: FMA's bits, or DIFF's where the frame is too large for
+    # FMA); reverse KL takes DIFF throughout
+    MAIN: tl.constexpr = FMA if FKL else DIFF
+    RFORM: tl.constexpr = ROW if FKL else DIFF
     # TEACHER_BRIDGE (no gate, beta = 0, reverse KL): the bridge is the teacher, lq = 0
     SKIP: tl.constexpr = TEACHER_BRIDGE and not HAS_GATE and not FKL
     row = tl.program_id(0).to(tl.int64)
@@ -208,9 +223,10 @@ def _opd_fwd_kernel(
     coef = (a0, b0, a1, b1)
 
     # the sampled token's raw logits
-    y_safe = tl.where(y_ok, y, 0)  # never read out of bounds (the loss is NaN then)
-    s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
-    t_y = tl.load(t_row + y_safe * t_stv).to(tl.float32)
+    # (never read out of bounds, where the loss is NaN, nor in a masked row)
+    y_safe = tl.where(y_ok, y, 0)
+    s_y = tl.load(s_row + y_safe * s_stv, mask=valid & y_ok, other=0.0).to(tl.float32)
+    t_y = tl.load(t_row + y_safe * t_stv, mask=valid & y_ok, other=0.0).to(tl.float32)
 
     # The frame (f_s, f_t) of every linear accumulator: both models' logits at one token the
     # student likes, the sampled token or the student's best in the first block, whichever
@@ -236,21 +252,34 @@ def _opd_fwd_kernel(
     f_s = tl.where(f_s == NEG_INF_, 0.0, f_s)
     f_t = tl.where(f_t == NEG_INF_, 0.0, f_t)
     frame = (f_s, f_t, scale2, tscale2)
+    if FKL:  # the row's frame units: FMA unless the frame is too large (_common.fma_frames)
+        fma_ok = fma_frames(f_s, f_t, scale2, tscale2)
+        rframe = (row_frame(f_s, scale2, fma_ok), row_frame(f_t, tscale2, fma_ok), scale2,
+                  tscale2)
+    else:
+        rframe = frame
 
     # per slot: the student's raw max m_s, z_s = sum 2^(sf - c_s), acc_ss = sum 2^(..) sf,
     # acc_st = sum 2^(..) tf with sf = (z_S - f_s) scale2, tf = (z_T - f_t) tscale2; the
     # teacher's max and sum; per candidate max, sum and the two forward-KL sums.
     # Block 0 and the partial last block are folded with every guard, the full blocks
     # between them unmasked and unguarded.
-    state = _fold(_empty_state(BLOCK_V), raw_s, raw_t, frame, coef, HAS_GATE, FKL, SKIP, True)
+    # (a forward-KL row whose frame is too large for FMA skips the full blocks: it is read
+    # again below in DIFF form)
+    state = _fold(_empty_state(BLOCK_V), raw_s, raw_t, frame, coef, HAS_GATE, FKL, SKIP, True,
+                  MAIN)
     hole = tl.sum(tl.sum(((raw_s == NEG_INF_) & inside).to(tl.int32), 1), 0)
     n_full = (end // BLOCK_V) * BLOCK_V
+    if FKL:
+        n_body = tl.where(fma_ok, n_full, 0)
+    else:
+        n_body = n_full
     lo_s = slot_state(BLOCK_V // 2, float("inf"))  # reverse KL: the blocks' raw minima
     lo_t = slot_state(BLOCK_V // 2, float("inf"))
-    for start in range(BLOCK_V, n_full, BLOCK_V):
+    for start in range(BLOCK_V, n_body, BLOCK_V):
         raw_s = load_inside2(s_grid, start, s_stv, STRIDED_V, S_PAIRS, BLOCK_V)
         raw_t = load_inside2(t_grid, start, t_stv, STRIDED_V, T_PAIRS, BLOCK_V)
-        state = _fold(state, raw_s, raw_t, frame, coef, HAS_GATE, FKL, SKIP, False)
+        state = _fold(state, raw_s, raw_t, frame, coef, HAS_GATE, FKL, SKIP, False, MAIN)
         if not FKL:
             lo_s = tl.minimum(lo_s, tl.min(raw_s, 1))
             lo_t = tl.minimum(lo_t, tl.min(raw_t, 1))
@@ -258,12 +287,14 @@ def _opd_fwd_kernel(
         cols = start + offs  # (past block 0: every column of the grid is past the lead)
         raw_s = load_span2(s_grid, start, 0, end, s_stv, STRIDED_V, BLOCK_V)
         state = _fold(state, raw_s, load_span2(t_grid, start, 0, end, t_stv, STRIDED_V,
-                                               BLOCK_V), frame, coef, HAS_GATE, FKL, SKIP, True)
+                                               BLOCK_V), frame, coef, HAS_GATE, FKL, SKIP, True,
+                      MAIN)
         hole += tl.sum(tl.sum(((raw_s == NEG_INF_) & (cols < end)).to(tl.int32), 1), 0)
 
     # An unguarded block that met a -inf (or NaN) logit left a NaN: such a row is read again
     # with every guard. So is, when candidate 0 is taken from the teacher, a row where the
-    # student masks a token (the joint support is then smaller than the teacher's).
+    # student masks a token (the joint support is then smaller than the teacher's), and a
+    # forward-KL row whose frame is too large for FMA (in DIFF form).
     chk = state[0][1] + state[0][2] + state[0][3] + state[1][1]
     if not SKIP:
         chk += state[2][1] + state[2][2] + state[2][3]
@@ -272,46 +303,63 @@ def _opd_fwd_kernel(
     redo = any_nan(chk) & (n_full > BLOCK_V)
     if SKIP:
         redo = redo | (hole > 0)
+    if FKL:
+        redo = redo | ~fma_ok
     state = _reread(_reset(state, redo), s_row, t_row, tl.where(redo, n_cols, 0), V, s_stv,
-                    t_stv, frame, coef, HAS_GATE, FKL, STRIDED_V, BLOCK_V)
+                    t_stv, rframe, coef, HAS_GATE, FKL, RFORM, STRIDED_V, BLOCK_V)
     computed = redo  # the bridge was computed (rather than taken from the teacher)
 
     # A frame far from where p_S puts its mass (|E_{p_S}[s - f_s]| or |E_{p_S}[t - f_t]| above
     # FRAME_TOL, e.g. a masked first block and a sampled token the student masks) would cost
     # precision: such a rare row reads itself once more, with those means as its frame.
+    # A mean of FRAME_JUMP units or more (a frame token that a model holds at a huge
+    # constant, -1e15 or -3e38, beside ordinary logits) is itself rounded at that size, or
+    # overflows: that model's frame moves to its row maximum instead, which is exact (the
+    # student's mean then lies within log2 V of it).
     # A zero-trip loop for every other row.
-    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), f_s, scale2, FKL)
-    acc_ss = tl.sum(state[0][2] * w_s, 0)
+    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), rframe[0], scale2, RFORM)
+    m_t = tl.max(state[1][0], 0)
+    acc_ss = tl.sum(tl.where(w_s == 0.0, 0.0, state[0][2] * w_s), 0)  # (see combine_bridge)
     acc_st = tl.sum(tl.where(state[0][3] == NEG_INF_, NEG_INF_, state[0][3] * w_s), 0)
     mean_s = acc_ss / z_s
     mean_t = acc_st / z_s
-    far_s = tl.abs(mean_s) > FRAME_TOL
-    far_t = (tl.abs(mean_t) > FRAME_TOL) & (mean_t != NEG_INF_)
+    # (a NaN mean, where sums of huge frame units overflowed, counts as far and as a jump;
+    # a row without p_S has no mean, and a -inf mean_t is a teacher masking p_S's mass)
+    has_p = z_s != 0.0  # (NaN too: frame units that overflowed to +inf)
+    far_s = ~(tl.abs(mean_s) <= FRAME_TOL) & has_p
+    far_t = ~(tl.abs(mean_t) <= FRAME_TOL) & (mean_t != NEG_INF_) & has_p
     far = far_s | far_t
-    f_s = tl.where(far_s, f_s + mean_s / scale2, f_s)
-    f_t = tl.where(far_t, f_t + mean_t / tscale2, f_t)
-    frame = (f_s, f_t, scale2, tscale2)
+    jump_s = ~(tl.abs(mean_s) < FRAME_JUMP) & (tl.abs(m_s) < float("inf"))
+    jump_t = ~(tl.abs(mean_t) < FRAME_JUMP) & (tl.abs(m_t) < float("inf"))
+    f_s = tl.where(far_s, tl.where(jump_s, m_s, f_s + mean_s / scale2), f_s)
+    f_t = tl.where(far_t, tl.where(jump_t, m_t, f_t + mean_t / tscale2), f_t)
+    if FKL:  # (the new frame may be too large for FMA)
+        fma_ok = fma_frames(f_s, f_t, scale2, tscale2)
+        rframe = (row_frame(f_s, scale2, fma_ok), row_frame(f_t, tscale2, fma_ok), scale2,
+                  tscale2)
+    else:
+        rframe = (f_s, f_t, scale2, tscale2)
     state = _reread(_reset(state, far), s_row, t_row, tl.where(far, n_cols, 0), V, s_stv,
-                    t_stv, frame, coef, HAS_GATE, FKL, STRIDED_V, BLOCK_V)
+                    t_stv, rframe, coef, HAS_GATE, FKL, RFORM, STRIDED_V, BLOCK_V)
     computed = computed | far
 
-    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), f_s, scale2, FKL)
-    acc_ss = tl.sum(state[0][2] * w_s, 0)
+    m_s, z_s, w_s = combine_lse((state[0][0], state[0][1]), rframe[0], scale2, RFORM)
+    acc_ss = tl.sum(tl.where(w_s == 0.0, 0.0, state[0][2] * w_s), 0)  # (see combine_bridge)
     acc_st = tl.sum(tl.where(state[0][3] == NEG_INF_, NEG_INF_, state[0][3] * w_s), 0)
-    m_t, z_t, _ = combine_lse(state[1], f_t, tscale2, FKL)
+    m_t, z_t, _ = combine_lse(state[1], rframe[1], tscale2, RFORM)
     m0, z0, ax0, as0 = combine_bridge(state[2], FKL)
     m1, z1, ax1, as1 = combine_bridge(state[3], FKL)
 
     r_s = tl.where(m_s == NEG_INF_, 0.0, m_s)
     r_t = tl.where(m_t == NEG_INF_, 0.0, m_t)
     if SKIP:  # candidate 0 is the teacher over its whole support (the student masks nothing)
-        m0 = tl.where(computed, m0, frame_units(r_t, f_t, tscale2, FKL))
+        m0 = tl.where(computed, m0, frame_units(r_t, f_t, tscale2, DIFF))
         z0 = tl.where(computed, z0, z_t)
     # a model that masks its whole row gives every token probability 0: lp = -inf, not NaN
     lz_s = tl.where(z_s == 0.0, float("inf"), tl.log2(z_s))
     lz_t = tl.where(z_t == 0.0, float("inf"), tl.log2(z_t))
-    off_s = -(frame_units(r_s, f_s, scale2, FKL) + lz_s)  # lp_S = sf + off_s (base 2)
-    off_t = -(frame_units(r_t, f_t, tscale2, FKL) + lz_t)
+    off_s = -(frame_units(r_s, rframe[0], scale2, RFORM) + lz_s)  # lp_S = sf + off_s (base 2)
+    off_t = -(frame_units(r_t, rframe[1], tscale2, RFORM) + lz_t)
     mean_s = acc_ss / z_s                # E_{p_S}[sf] in the final frame
     mean_t = acc_st / z_s                # E_{p_S}[tf]
     elp_s = tl.where(z_s == 0.0, 0.0, mean_s + off_s)  # E_{p_S}[lp_S], base 2 (0: no p_S)
@@ -339,8 +387,8 @@ def _opd_fwd_kernel(
         for start in range(0, tl.where(need, n_cols, 0), BLOCK_V):
             raw_s = load_span2(s_row, start, 0, V, s_stv, STRIDED_V, BLOCK_V)
             raw_t = load_span2(t_row, start, 0, V, t_stv, STRIDED_V, BLOCK_V)
-            sf = frame_units(raw_s, f_s, scale2, FKL)
-            x2 = bridge(frame_units(raw_t, f_t, tscale2, FKL), sf, a_c, b_c,
+            sf = frame_units(raw_s, rframe[0], scale2, RFORM)
+            x2 = bridge(frame_units(raw_t, rframe[1], tscale2, RFORM), sf, a_c, b_c,
                         (raw_s != NEG_INF_) & (raw_t != NEG_INF_))
             q2 = fold_bridge(q2, x2, sf, FKL, True)
         m2, z2, ax2, as2 = combine_bridge(q2, FKL)
@@ -387,7 +435,9 @@ def _opd_fwd_kernel(
     else:
         code = BLOCK_V * SLOT
     finite = valid & ~redo & (tl.abs(loss) < float("inf"))
-    if not FKL:
+    if FKL:  # (the backward's unguarded blocks form FMA frame units)
+        finite = finite & fma_ok
+    else:
         # Reverse KL's unguarded gradient p (A d_s + B d_t + C) must not overflow where p is 0:
         # the span's logits lie within TAME of the frame (a mask of -3e38 is finite, but not
         # that), and the backward checks its coefficients (_tame).
@@ -438,9 +488,17 @@ def _grad_block(raw_s, raw_t, rs, DIVERGENCE: tl.constexpr, GUARD: tl.constexpr)
         else:
             gv = p * w
     else:  # p - q in the forward's frame units: x has its bits, so x - m_c is exact at the max
-        sf = frame_units(raw_s, f_s, scale2, True)
-        tf = frame_units(raw_t, f_t, tscale2, True)
-        p = tl.exp2(sf - (frame_units(r_s, f_s, scale2, True) + lz_s))
+        if GUARD:  # the row's form (the forward read rows whose frame is too large in DIFF)
+            ok = fma_frames(f_s, f_t, scale2, tscale2)
+            fs = row_frame(f_s, scale2, ok)
+            ft = row_frame(f_t, tscale2, ok)
+            sf = frame_units(raw_s, fs, scale2, ROW)
+            tf = frame_units(raw_t, ft, tscale2, ROW)
+            p = tl.exp2(sf - (frame_units(r_s, fs, scale2, ROW) + lz_s))
+        else:  # (blocks the forward found finite: only rows in FMA form have such blocks)
+            sf = frame_units(raw_s, f_s, scale2, FMA)
+            tf = frame_units(raw_t, f_t, tscale2, FMA)
+            p = tl.exp2(sf - (frame_units(r_s, f_s, scale2, FMA) + lz_s))
         if GUARD:
             x = bridge(tf, sf, a, b, (raw_s != float("-inf")) & (raw_t != float("-inf")))
         else:

@@ -9,7 +9,8 @@ models' logits, with O(rows) all-reduces between them and after them
    (the largest among tied ones), and the sampled token's raw logits where this
    shard holds it. Combined: both normalizers, delta, the gate, the bridge
    coefficients, and the row's frame: the student's global maximum and the
-   teacher's logit there. No guard: against a slot's own maximum every exponent
+   teacher's logit there (its own maximum where that logit lies 2^20 base-2
+   units or more below it). No guard: against a slot's own maximum every exponent
    is finite or -inf.
 2. ``_tp_bridge_kernel``: against that frame (the single-device kernels'
    centring, so near-converged rows keep their precision), the student's
@@ -47,14 +48,15 @@ from ..reference import gate_lambda, sampled_delta
 from ._layout import row_layout
 from ._table import (A, B, FRAME_S, FRAME_T, LOG2Z_Q, LOG2Z_S, LOGITS_K, MAX_Q, MEAN_S, MEAN_T,
                      REF_S)
-from ._common import (SLOT, any_nan, bridge, combine_bridge, fold_bridge, frame_units, grid_lead,
-                      load_block, load_full, on_grid, row_offset, row_ptr, row_token, slot_state,
-                      tile)
+from ._common import (DIFF, FMA, ROW, SLOT, any_nan, bridge, combine_bridge, fma_frames,
+                      fold_bridge, frame_units, grid_lead, load_block, load_full, on_grid,
+                      row_frame, row_offset, row_ptr, row_token, slot_state, tile)
 from .logits import LOG2E, _divergence, _fwd_plan, fwd_block, opd_rows_backward
 
 # m_s, z_s, m_t, z_t, s[y], t[y], 1 where the shard holds y, and the largest t among the
 # shard's maximal s
 STATS_K = 8
+FRAME_JUMP = 2.0 ** 20  # base-2 units (as the single-device kernel's)
 BRIDGE_K = 7  # m_x, z_x, ax, as, sum p, sum p sf, sum p tf
 BLOCK_V = 4096
 NUM_WARPS = 8
@@ -147,8 +149,8 @@ def _tp_stats_kernel(
     yl = y - start  # this shard's column of the sampled token, if it holds it
     own = valid & (yl >= 0) & (yl < V)
     yl = tl.where(own, yl, 0)
-    s_y = tl.where(own, tl.load(s_row + yl * s_stv).to(tl.float32), 0.0)
-    t_y = tl.where(own, tl.load(t_row + yl * t_stv).to(tl.float32), 0.0)
+    s_y = tl.load(s_row + yl * s_stv, mask=own, other=0.0).to(tl.float32)
+    t_y = tl.load(t_row + yl * t_stv, mask=own, other=0.0).to(tl.float32)
     out = OUT + row * K
     tl.store(out + 0, m_s)
     tl.store(out + 1, z_s)
@@ -162,18 +164,18 @@ def _tp_stats_kernel(
 
 @triton.jit
 def _bridge_fold(st, raw_s, raw_t, r_s, f_t, lz_s, coef, FKL: tl.constexpr,
-                 GUARD: tl.constexpr):
+                 GUARD: tl.constexpr, FORM: tl.constexpr):
     """Fold a tile into the per-slot (sum p, sum p sf, sum p tf) and the bridge's state
     (max x, sum 2^(x - max), and for forward KL its two sums), sf = (raw_s - r_s) scale2 (the
     frame's student logit is the row's maximum), tf = (raw_t - f_t) tscale2, in the frame
-    units the backward forms (``_common.frame_units``: for forward KL the FMA form, whose
-    shift the kernel takes out of the row's sums; ``lz_s`` holds the shift of r_s). Without
-    GUARD nothing is sanitized: a -inf logit leaves a NaN, and the row is read again with
-    it."""
+    units the backward forms (``_common.frame_units`` in the form ``FORM``, of frames r_s
+    and f_t: for forward KL FMA's or the row's, whose shift the kernel takes out of the
+    row's sums; ``lz_s`` holds the shift of r_s). Without GUARD nothing is sanitized: a -inf
+    logit leaves a NaN, and the row is read again with it."""
     p_sum, p_sf, p_tf, q = st
     scale2, tscale2, a, b = coef
-    sf = frame_units(raw_s, r_s, scale2, FKL)
-    tf = frame_units(raw_t, f_t, tscale2, FKL)
+    sf = frame_units(raw_s, r_s, scale2, FORM)
+    tf = frame_units(raw_t, f_t, tscale2, FORM)
     p = tl.exp2(sf - lz_s)
     if GUARD:
         psf = tl.where(p == 0.0, 0.0, p * sf)
@@ -189,14 +191,15 @@ def _bridge_fold(st, raw_s, raw_t, r_s, f_t, lz_s, coef, FKL: tl.constexpr,
 
 @triton.jit
 def _bridge_range(st, s_row, t_row, lo, hi, V, s_stv, t_stv, r_s, f_t, lz_s, coef,
-                  FKL: tl.constexpr, STRIDED_V: tl.constexpr, BLOCK_V: tl.constexpr):
+                  FKL: tl.constexpr, FORM: tl.constexpr, STRIDED_V: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
     """Fold the row's columns [lo, hi) (hi <= V) in blocks from lo, masked and guarded."""
     offs = tile(BLOCK_V)
     for c0 in range(lo, hi, BLOCK_V):
         cols = c0 + offs
         st = _bridge_fold(st, load_block(s_row, cols, s_stv, hi, STRIDED_V),
                           load_block(t_row, cols, t_stv, hi, STRIDED_V), r_s, f_t, lz_s, coef,
-                          FKL, True)
+                          FKL, True, FORM)
     return st
 
 
@@ -216,11 +219,23 @@ def _tp_bridge_kernel(
     tab = ROWS + row * LOGITS_K  # the single-device table (triton/_table.py)
     r_s = tl.load(tab + REF_S)
     f_t = tl.load(tab + FRAME_T)
-    # the shifts of the frame units (0 in reverse KL's difference form; in forward KL's FMA
-    # form the rounding of r_s scale2 and of f_t tscale2): p's exponent is sf - e_s - lz_s,
-    # and the sums of sf and tf leave the kernel without them
-    e_s = frame_units(r_s, r_s, scale2, FKL)
-    e_t = frame_units(f_t, f_t, tscale2, FKL)
+    # frame units (_common.frame_units): forward KL streams the shard in FMA form and reads
+    # it again in the row's (FMA's bits, or DIFF's where the frame is too large for FMA:
+    # such a row skips the full blocks); reverse KL takes DIFF throughout
+    MAIN: tl.constexpr = FMA if FKL else DIFF
+    RFORM: tl.constexpr = ROW if FKL else DIFF
+    if FKL:
+        fma_ok = fma_frames(r_s, f_t, scale2, tscale2)
+        rf_s = row_frame(r_s, scale2, fma_ok)
+        rf_t = row_frame(f_t, tscale2, fma_ok)
+    else:
+        rf_s = r_s
+        rf_t = f_t
+    # the shifts of the frame units (0 in DIFF form; in FMA form the rounding of r_s scale2
+    # and of f_t tscale2): p's exponent is sf - e_s - lz_s, and the sums of sf and tf leave
+    # the kernel without them
+    e_s = frame_units(r_s, rf_s, scale2, RFORM)
+    e_t = frame_units(f_t, rf_t, tscale2, RFORM)
     lz_s = tl.load(tab + LOG2Z_S) + e_s
     coef = (scale2, tscale2, tl.load(tab + A), tl.load(tab + B))
     neg = slot_state(BLOCK_V, float("-inf"))
@@ -235,15 +250,19 @@ def _tp_bridge_kernel(
     if not ALIGN:
         first = tl.minimum(n_cols, BLOCK_V)
     st = _bridge_range(empty, s_row, t_row, 0, first, V, s_stv, t_stv, r_s, f_t, lz_s, coef,
-                       FKL, STRIDED_V, BLOCK_V)
+                       FKL, MAIN, STRIDED_V, BLOCK_V)
     n_full = ((n_cols + lead) // BLOCK_V) * BLOCK_V
-    for lo in range(BLOCK_V, n_full, BLOCK_V):
+    if FKL:
+        n_body = tl.where(fma_ok, n_full, 0)
+    else:
+        n_body = n_full
+    for lo in range(BLOCK_V, n_body, BLOCK_V):
         cols = lo + offs
         st = _bridge_fold(st, load_full(s_grid, cols, s_stv, STRIDED_V),
                           load_full(t_grid, cols, t_stv, STRIDED_V), r_s, f_t, lz_s, coef, FKL,
-                          False)
+                          False, MAIN)
     st = _bridge_range(st, s_row, t_row, tl.maximum(n_full - lead, first), n_cols, V, s_stv,
-                       t_stv, r_s, f_t, lz_s, coef, FKL, STRIDED_V, BLOCK_V)
+                       t_stv, r_s, f_t, lz_s, coef, FKL, MAIN, STRIDED_V, BLOCK_V)
     # an unguarded block that met a -inf (or NaN) logit left a NaN: read the row again guarded
     # (sum p tf may be -inf, where the teacher masks a token the student supports; no sum is
     # ever +inf, so the total is NaN exactly where one of them is)
@@ -251,12 +270,14 @@ def _tp_bridge_kernel(
     if FKL:
         chk += st[3][2] + st[3][3]
     redo = any_nan(chk) & (n_full > BLOCK_V)
+    if FKL:  # (and a row whose frame is too large for FMA, in DIFF form)
+        redo = redo | ~fma_ok
     st = _bridge_range(
         (tl.where(redo, 0.0, st[0]), tl.where(redo, 0.0, st[1]), tl.where(redo, 0.0, st[2]),
          (tl.where(redo, float("-inf"), st[3][0]), tl.where(redo, 0.0, st[3][1]),
           tl.where(redo, 0.0, st[3][2]), tl.where(redo, 0.0, st[3][3]))),
-        s_row, t_row, 0, tl.where(redo, n_cols, 0), V, s_stv, t_stv, r_s, f_t, lz_s, coef, FKL,
-        STRIDED_V, BLOCK_V)
+        s_row, t_row, 0, tl.where(redo, n_cols, 0), V, s_stv, t_stv, rf_s, rf_t, lz_s, coef, FKL,
+        RFORM, STRIDED_V, BLOCK_V)
     m_x, z_x, ax, a_s = combine_bridge(st[3], FKL)
     p_sum = tl.sum(st[0], 0)
     out = OUT + row * K
@@ -323,7 +344,8 @@ def opd_rows_parallel(s, t, tokens, sign, opts, group):
     """The single-device Triton row table (triton/_table.py) of a vocabulary-sharded row.
 
     Frame of the row's linear sums: the student's global maximum and the teacher's logit
-    at that token (the single-device kernels' centring).
+    at that token (the single-device kernels' centring), or the teacher's maximum where that
+    logit lies FRAME_JUMP or more below it.
     """
     _divergence(opts)
     n, vl = tokens.numel(), s.shape[-1]
@@ -350,6 +372,11 @@ def opd_rows_parallel(s, t, tokens, sign, opts, group):
     lz_t = torch.where(r2[:, 1] == 0, math.inf, torch.log2(r2[:, 1]))
     f_t = r2[:, 5] / r2[:, 6].clamp(min=1)  # (the mean over ranks whose maxima tie)
     f_t = torch.where(torch.isfinite(f_t) & (r2[:, 6] > 0), f_t, r_t)
+    # a teacher that holds the student's best token FRAME_JUMP base-2 units or more below its
+    # own maximum (one that masks it with -1e15, say) is centred on that maximum, near the
+    # mass of q, rather than on a value whose distance from the rest it could not resolve
+    # (closer, the student's best token stays the better frame: peaked rows keep their digits)
+    f_t = torch.where((r_t - f_t) * tscale2 >= FRAME_JUMP, r_t, f_t)
     f_s = r_s
     lps_y = (r2[:, 2] - r_s) * scale2 - lz_s  # base 2
     lpt_y = (r2[:, 3] - r_t) * tscale2 - lz_t

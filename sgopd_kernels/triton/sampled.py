@@ -22,8 +22,8 @@ import triton.language as tl
 
 from ._layout import row_layout
 from ._table import ADV, DELTA, ENTROPY, GATE, LOSS, S_LOG2Z, S_REF, SAMPLED_K, TEACHER_KL
-from ._common import (any_nan, bwd_span, grid_lead, load_inside, load_span, on_grid,
-                      put, row_offset, row_ptr, row_token, slot_state, store_span, tile)
+from ._common import (any_nan, bwd_span, grid_lead, load_block, load_inside, load_span,
+                      on_grid, put, row_offset, row_ptr, row_token, slot_state, store_span, tile)
 from .logits import LOG2E, fwd_block, stream_plan
 
 
@@ -86,8 +86,11 @@ def _sampled_fwd_kernel(
     st = (tl.where(redo, float("-inf"), st[0]), tl.where(redo, 0.0, st[1]),
           tl.where(redo, 0.0, st[2]))
     for start in range(tl.where(redo, 0, tl.maximum(n_full, first)), end, BLOCK_V):
-        st = _fold_entropy(st, load_span(grid, start + offs, lead, end, s_stv, STRIDED_V), scale2,
-                           True)
+        if ALIGN:  # (block 0 of a re-read masks the lead)
+            raw = load_span(grid, start + offs, lead, end, s_stv, STRIDED_V)
+        else:  # (lead = 0: only the row's end to mask; a masked row has no trips)
+            raw = load_block(grid, start + offs, s_stv, V, STRIDED_V)
+        st = _fold_entropy(st, raw, scale2, True)
     m, z, acc = st
     m_s = tl.max(m, 0)
     ref = tl.where(m_s == NEG_INF, 0.0, m_s)
@@ -98,8 +101,9 @@ def _sampled_fwd_kernel(
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
     lz_s = tl.where(z_s == 0.0, float("inf"), tl.log2(z_s))  # a row without support: lp = -inf
 
-    y_safe = tl.where(y_ok, y, 0)  # never read out of bounds (the loss is NaN then)
-    s_y = tl.load(s_row + y_safe * s_stv).to(tl.float32)
+    # (never read out of bounds, where the loss is NaN, nor in a masked row)
+    y_safe = tl.where(y_ok, y, 0)
+    s_y = tl.load(s_row + y_safe * s_stv, mask=valid & y_ok, other=0.0).to(tl.float32)
     lps_y = ((s_y - r_s) * scale2 - lz_s) * LN2
     lpt_y = tl.load(TLP + row).to(tl.float32)
     both_zero = (lps_y == NEG_INF) & (lpt_y == NEG_INF)

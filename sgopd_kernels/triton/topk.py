@@ -554,7 +554,8 @@ def _topk_bwd_slots_kernel(
         in_e = tl.max(((ids == y) & (ids >= 0)).to(tl.int32), 0) > 0
         y_col = _shard_col(tl.where(valid & (in_e == 0), y, -1), start, V)
         own_y = y_col >= 0
-        z_y = tl.load(s_row + tl.where(own_y, y_col, 0) * s_stv).to(tl.float32)
+        z_y = tl.load(s_row + tl.where(own_y, y_col, 0) * s_stv, mask=own_y,
+                      other=float("-inf")).to(tl.float32)
         gy = _slot_grad(z_y, tl.load(TTL + row).to(tl.float32), r, lz, a, b, lzq, g_mean,
                         scale2, log1m_pi, one_m_pi, DIVERGENCE) * scale
         gy = tl.where(coef != coef, float("nan"), gy)
